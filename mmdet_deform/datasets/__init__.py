@@ -1,0 +1,1 @@
+"""Datasets of mmdet_deform."""

@@ -1,0 +1,69 @@
+"""Loading mmengine checkpoints on torch >= 2.6.
+
+mmengine 0.10.7 calls ``torch.load(path, map_location=...)`` without
+``weights_only``; since torch 2.6 that means ``weights_only=True``, whose
+unpickler refuses every global that is not allow-listed, so ``--resume`` and
+``load_from`` of a checkpoint written by mmengine's ``Runner`` fail.
+
+Rather than switching ``weights_only`` off for every file, this allow-lists
+exactly the extra types such a checkpoint holds (the message hub's
+:class:`~mmengine.logging.HistoryBuffer` with its numpy arrays, numpy scalars
+and dtypes) through ``torch.serialization.add_safe_globals``. Anything else in
+a file is still refused.
+
+One more global needs care: ``HistoryBuffer.__getstate__`` stores its
+statistics methods, which pickle (protocol 2) writes as
+``getattr(HistoryBuffer, 'min')``. Allow-listing ``builtins.getattr`` itself
+would let a file fetch any attribute of any allowed object, so the name
+``builtins.getattr`` is bound to :func:`_history_buffer_getattr` instead,
+which only returns the public methods of ``HistoryBuffer``.
+"""
+
+import inspect
+import pickle
+from typing import List
+
+import numpy as np
+import torch
+
+
+def _numpy_globals() -> List[object]:
+    """The numpy functions and classes pickled by arrays, scalars and dtypes."""
+    try:  # numpy >= 2
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray
+    found: List[object] = [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype]
+    # dtype instances pickle as their class (numpy.dtypes.Float64DType, ...)
+    for name in ('bool_', 'int8', 'int16', 'int32', 'int64', 'uint8', 'uint16', 'uint32',
+                 'uint64', 'float16', 'float32', 'float64', 'complex64', 'complex128'):  # fmt: skip
+        found.append(type(np.dtype(getattr(np, name))))
+    return found
+
+
+def _history_buffer_getattr(obj: object, name: str) -> object:
+    """``getattr`` restricted to the public methods of ``HistoryBuffer``."""
+    from mmengine.logging import HistoryBuffer
+
+    attr = vars(HistoryBuffer).get(name) if obj is HistoryBuffer else None
+    if not isinstance(name, str) or name.startswith('_') or not inspect.isfunction(attr):
+        raise pickle.UnpicklingError(
+            f'weights_only load: getattr({obj!r}, {name!r}) is not allowed; mmdet_deform only '
+            'allows getattr(HistoryBuffer, <statistics method>) as written by mmengine'
+        )
+    return attr
+
+
+def allow_mmengine_checkpoint_globals() -> None:
+    """Allow-list the types of mmengine checkpoints for ``weights_only`` loads.
+
+    Idempotent; a no-op on torch < 2.4, which has no safe-globals list.
+    """
+    add_safe_globals = getattr(torch.serialization, 'add_safe_globals', None)
+    if add_safe_globals is None:
+        return
+    from mmengine.logging import HistoryBuffer
+
+    add_safe_globals(
+        [HistoryBuffer, *_numpy_globals(), (_history_buffer_getattr, 'builtins.getattr')]
+    )

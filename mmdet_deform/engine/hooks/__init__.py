@@ -1,0 +1,1 @@
+"""Hooks of mmdet_deform, registered in the ``mmdet_deform`` scope."""

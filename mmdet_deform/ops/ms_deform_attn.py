@@ -1,0 +1,392 @@
+"""Multi-scale deformable attention (Zhu et al., arXiv 2010.04159, eq. 3).
+
+In the order every op file of this package follows:
+
+1. :func:`ms_deform_attn_pytorch`: the pure-PyTorch reference (ground truth in
+   tests, fallback where the extension is missing);
+2. :func:`ms_deform_attn`: the typed wrapper around
+   ``torch.ops.mmdet_deform.ms_deform_attn``;
+3. fake (meta) kernels for ``torch.compile``;
+4. autograd, wiring ``torch.ops.mmdet_deform._ms_deform_attn_backward``;
+5. :class:`MultiScaleDeformableAttention`, the ``nn.Module`` (a drop-in for
+   mmcv's module of the same name).
+
+Sampling follows ``F.grid_sample(mode='bilinear', padding_mode='zeros',
+align_corners=False)`` on every level: a normalised location ``(x, y)`` maps
+to the pixel coordinate ``(x * w - 0.5, y * h - 0.5)``, and every bilinear
+corner outside the ``h x w`` map (or a non-finite location) contributes zero.
+"""
+
+import math
+import warnings
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ._extension import has_extension, warn_missing_extension
+
+try:  # mmengine gives the module `init_cfg` support; the op itself needs torch only
+    from mmengine.model import BaseModule
+except ImportError:  # pragma: no cover - torch-only environments (kernel checks)
+
+    class BaseModule(nn.Module):  # type: ignore[no-redef]
+        """Minimal stand-in for ``mmengine.model.BaseModule``."""
+
+        def __init__(self, init_cfg: Optional[dict] = None) -> None:
+            super().__init__()
+            self.init_cfg = init_cfg
+
+
+__all__ = ['ms_deform_attn', 'ms_deform_attn_pytorch', 'MultiScaleDeformableAttention']
+
+
+# --------------------------------------------------------------------------
+# 1. Reference implementation
+# --------------------------------------------------------------------------
+def ms_deform_attn_pytorch(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Multi-scale deformable attention in plain PyTorch (explicit bilinear
+    gathers, differentiable with autograd).
+
+    Args:
+        value (Tensor): Values of all levels, flattened, has shape
+            (bs, num_keys, num_heads, head_dim).
+        spatial_shapes (Tensor): (h, w) of every level, int64, has shape
+            (num_levels, 2).
+        level_start_index (Tensor): Start of every level in ``num_keys``,
+            int64, has shape (num_levels,).
+        sampling_locations (Tensor): Normalised (x, y) locations, has shape
+            (bs, num_queries, num_heads, num_levels, num_points, 2).
+        attention_weights (Tensor): Weight of every sampled point, has shape
+            (bs, num_queries, num_heads, num_levels, num_points).
+
+    Returns:
+        Tensor: Attended values, has shape (bs, num_queries, num_heads * head_dim).
+    """
+    bs, _, num_heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    # (bs, num_keys, num_heads, head_dim) -> (bs, num_heads, num_keys, head_dim)
+    value = value.transpose(1, 2)
+    output = value.new_zeros(bs, num_heads, num_queries * num_points, head_dim)
+    shapes = spatial_shapes.tolist()
+    starts = level_start_index.tolist()
+    for level, ((h, w), start) in enumerate(zip(shapes, starts)):
+        value_l = value[:, :, start : start + h * w]  # (bs, num_heads, h*w, head_dim)
+        # (bs, nq, nh, np, 2) -> (bs, nh, nq*np, 2)
+        loc = sampling_locations[:, :, :, level].transpose(1, 2).flatten(2, 3)
+        x = loc[..., 0] * w - 0.5
+        y = loc[..., 1] * h - 0.5
+        x0 = torch.floor(x)
+        y0 = torch.floor(y)
+        sampled = value.new_zeros(bs, num_heads, num_queries * num_points, head_dim)
+        for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+            xc = x0 + dx
+            yc = y0 + dy
+            # bilinear weight of this corner: (1 - |x - xc|) * (1 - |y - yc|)
+            weight = (1 - (x - xc).abs()) * (1 - (y - yc).abs())
+            inside = (xc >= 0) & (xc <= w - 1) & (yc >= 0) & (yc <= h - 1)
+            weight = torch.where(inside, weight, torch.zeros_like(weight))
+            index = torch.where(inside, yc * w + xc, torch.zeros_like(xc)).long()
+            gathered = torch.gather(
+                value_l, 2, index[..., None].expand(-1, -1, -1, head_dim)
+            )  # (bs, nh, nq*np, head_dim)
+            sampled = sampled + weight[..., None] * gathered
+        # (bs, nq, nh, np) -> (bs, nh, nq*np, 1)
+        attn = attention_weights[:, :, :, level].transpose(1, 2).flatten(2, 3)[..., None]
+        output = output + sampled * attn
+    # (bs, nh, nq*np, d) -> (bs, nh, nq, np, d) -> (bs, nq, nh, d) -> (bs, nq, nh*d)
+    output = output.view(bs, num_heads, num_queries, num_points, head_dim).sum(3)
+    return output.transpose(1, 2).reshape(bs, num_queries, num_heads * head_dim)
+
+
+# --------------------------------------------------------------------------
+# 2. Typed wrapper around the compiled op
+# --------------------------------------------------------------------------
+def ms_deform_attn(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Multi-scale deformable attention with the compiled kernel.
+
+    Same arguments, shapes and result as :func:`ms_deform_attn_pytorch`; the
+    float inputs (``value``, ``sampling_locations``, ``attention_weights``)
+    must share one dtype (float32, float64 or bfloat16, plus float16 on CUDA).
+    Differentiable with respect to the three float inputs. Falls back to the
+    reference (with a warning) where ``mmdet_deform._C`` is not built.
+
+    Returns:
+        Tensor: has shape (bs, num_queries, num_heads * head_dim).
+    """
+    if not has_extension():
+        warn_missing_extension()
+        return ms_deform_attn_pytorch(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+    return torch.ops.mmdet_deform.ms_deform_attn(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
+
+
+# --------------------------------------------------------------------------
+# 3. Fake kernels and 4. autograd (only where the schema exists)
+# --------------------------------------------------------------------------
+if has_extension():
+
+    @torch.library.register_fake('mmdet_deform::ms_deform_attn')
+    def _ms_deform_attn_fake(
+        value: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        sampling_locations: Tensor,
+        attention_weights: Tensor,
+    ) -> Tensor:
+        torch._check(value.dim() == 4, lambda: 'value must be 4-D')
+        torch._check(sampling_locations.dim() == 6, lambda: 'sampling_locations must be 6-D')
+        bs, _, num_heads, head_dim = value.shape
+        num_queries = sampling_locations.shape[1]
+        return value.new_empty((bs, num_queries, num_heads * head_dim))
+
+    @torch.library.register_fake('mmdet_deform::_ms_deform_attn_backward')
+    def _ms_deform_attn_backward_fake(
+        grad_output: Tensor,
+        value: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        sampling_locations: Tensor,
+        attention_weights: Tensor,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        return (
+            torch.empty_like(value),
+            torch.empty_like(sampling_locations),
+            torch.empty_like(attention_weights),
+        )
+
+    def _setup_context(ctx, inputs, output) -> None:
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = inputs
+        ctx.save_for_backward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+
+    def _backward(ctx, grad_output: Tensor):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = (
+            ctx.saved_tensors
+        )
+        grad_value, grad_locations, grad_weights = torch.ops.mmdet_deform._ms_deform_attn_backward(
+            grad_output.contiguous(),
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+        )
+        return grad_value, None, None, grad_locations, grad_weights
+
+    torch.library.register_autograd(
+        'mmdet_deform::ms_deform_attn', _backward, setup_context=_setup_context
+    )
+
+
+# --------------------------------------------------------------------------
+# 5. Module
+# --------------------------------------------------------------------------
+class MultiScaleDeformableAttention(BaseModule):
+    """Multi-scale deformable attention module, a drop-in for mmcv's
+    ``MultiScaleDeformableAttention`` (same arguments, parameter names,
+    initialisation and forward semantics, so mmcv checkpoints load with
+    ``strict=True`` and give the same output), running on this package's op.
+
+    Args:
+        embed_dims (int): Embedding dimension. Defaults to 256.
+        num_heads (int): Number of attention heads. Defaults to 8.
+        num_levels (int): Number of feature levels. Defaults to 4.
+        num_points (int): Sampling points per head and level. Defaults to 4.
+        im2col_step (int): Accepted for compatibility with mmcv and unused:
+            the kernels here take any batch size in one launch. Defaults to 64.
+        dropout (float): Dropout on the output before the residual.
+            Defaults to 0.1.
+        batch_first (bool): Whether query/value are (bs, n, c) rather than
+            (n, bs, c). Defaults to False.
+        norm_cfg (dict, optional): Accepted for compatibility; unused, as in
+            mmcv.
+        init_cfg (dict, optional): Initialisation config. Defaults to None.
+        value_proj_ratio (float): Expansion ratio of ``value_proj``.
+            Defaults to 1.0.
+    """
+
+    def __init__(
+        self,
+        embed_dims: int = 256,
+        num_heads: int = 8,
+        num_levels: int = 4,
+        num_points: int = 4,
+        im2col_step: int = 64,
+        dropout: float = 0.1,
+        batch_first: bool = False,
+        norm_cfg: Optional[dict] = None,
+        init_cfg: Optional[dict] = None,
+        value_proj_ratio: float = 1.0,
+    ) -> None:
+        super().__init__(init_cfg)
+        if embed_dims % num_heads != 0:
+            raise ValueError(
+                f'embed_dims must be divisible by num_heads, got {embed_dims} and {num_heads}'
+            )
+        head_dim = embed_dims // num_heads
+        if head_dim & (head_dim - 1) != 0:
+            warnings.warn(
+                f'embed_dims // num_heads = {head_dim} is not a power of 2; the CUDA '
+                'kernel vectorises best over power-of-2 head dims.',
+                stacklevel=2,
+            )
+        self.embed_dims = embed_dims
+        self.num_heads = num_heads
+        self.num_levels = num_levels
+        self.num_points = num_points
+        self.im2col_step = im2col_step
+        self.batch_first = batch_first
+        self.norm_cfg = norm_cfg
+        self.dropout = nn.Dropout(dropout)
+        self.sampling_offsets = nn.Linear(embed_dims, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(embed_dims, num_heads * num_levels * num_points)
+        value_proj_size = int(embed_dims * value_proj_ratio)
+        self.value_proj = nn.Linear(embed_dims, value_proj_size)
+        self.output_proj = nn.Linear(value_proj_size, embed_dims)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Offsets start on rays in ``num_heads`` directions, the k-th point
+        at distance k (paper, appendix A.2); attention weights are uniform;
+        projections are Xavier-uniform with zero bias."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        device = self.sampling_offsets.weight.device
+        angles = torch.arange(self.num_heads, dtype=torch.float32, device=device) * (
+            2.0 * math.pi / self.num_heads
+        )
+        directions = torch.stack([angles.cos(), angles.sin()], -1)  # (num_heads, 2)
+        # scale each direction so that its larger coordinate is +-1
+        directions = directions / directions.abs().max(-1, keepdim=True)[0]
+        distance = torch.arange(1, self.num_points + 1, dtype=torch.float32, device=device)
+        # (num_heads, 1, 1, 2) * (1, 1, num_points, 1) -> (num_heads, num_levels, num_points, 2)
+        bias = directions[:, None, None, :] * distance[None, None, :, None]
+        bias = bias.expand(self.num_heads, self.num_levels, self.num_points, 2)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(bias.reshape(-1))
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for proj in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+        self._is_init = True
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Optional[Tensor] = None,
+        value: Optional[Tensor] = None,
+        identity: Optional[Tensor] = None,
+        query_pos: Optional[Tensor] = None,
+        key_padding_mask: Optional[Tensor] = None,
+        reference_points: Optional[Tensor] = None,
+        spatial_shapes: Optional[Tensor] = None,
+        level_start_index: Optional[Tensor] = None,
+        **kwargs,
+    ) -> Tensor:
+        """Attend from ``query`` to the multi-scale ``value``.
+
+        Args:
+            query (Tensor): Queries, (num_queries, bs, embed_dims), or
+                (bs, num_queries, embed_dims) if ``batch_first``.
+            key (Tensor, optional): Unused (deformable attention has no keys).
+            value (Tensor, optional): Flattened multi-scale features, shaped
+                like ``query`` with num_keys instead of num_queries. Defaults
+                to ``query``.
+            identity (Tensor, optional): Residual added to the output, shaped
+                like ``query``. Defaults to ``query`` (before ``query_pos``).
+            query_pos (Tensor, optional): Positional encoding added to
+                ``query`` before predicting offsets and weights.
+            key_padding_mask (Tensor, optional): True at padded keys, which
+                are zeroed in ``value``, has shape (bs, num_keys).
+            reference_points (Tensor): Normalised reference points, has shape
+                (bs, num_queries, num_levels, 2) for points (x, y), or
+                (bs, num_queries, num_levels, 4) for boxes (cx, cy, w, h),
+                whose offsets are scaled by half the box size.
+            spatial_shapes (Tensor): (h, w) of every level, has shape
+                (num_levels, 2).
+            level_start_index (Tensor): Start of every level, has shape
+                (num_levels,).
+
+        Returns:
+            Tensor: Output shaped like ``query``.
+        """
+        if value is None:
+            value = query
+        if identity is None:
+            identity = query
+        if query_pos is not None:
+            query = query + query_pos
+        if not self.batch_first:
+            # (n, bs, c) -> (bs, n, c)
+            query = query.permute(1, 0, 2)
+            value = value.permute(1, 0, 2)
+        if reference_points is None or spatial_shapes is None or level_start_index is None:
+            raise ValueError(
+                'MultiScaleDeformableAttention needs reference_points, spatial_shapes '
+                'and level_start_index'
+            )
+        bs, num_queries, _ = query.shape
+        num_keys = value.shape[1]
+
+        value = self.value_proj(value)
+        if key_padding_mask is not None:
+            value = value.masked_fill(key_padding_mask[..., None], 0.0)
+        value = value.view(bs, num_keys, self.num_heads, -1)
+        offsets = self.sampling_offsets(query).view(
+            bs, num_queries, self.num_heads, self.num_levels, self.num_points, 2
+        )
+        weights = self.attention_weights(query).view(
+            bs, num_queries, self.num_heads, self.num_levels * self.num_points
+        )
+        weights = weights.softmax(-1).view(
+            bs, num_queries, self.num_heads, self.num_levels, self.num_points
+        )
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: normalise by (w, h)
+            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
+            locations = (
+                reference_points[:, :, None, :, None, :]
+                + offsets / normalizer[None, None, None, :, None, :]
+            )
+        elif reference_points.shape[-1] == 4:
+            # offsets are relative to the reference box: scale by half its (w, h)
+            locations = (
+                reference_points[:, :, None, :, None, :2]
+                + offsets / self.num_points * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
+        else:
+            raise ValueError(
+                'reference_points must have 2 or 4 values in its last dimension, got '
+                f'shape {tuple(reference_points.shape)}'
+            )
+        # Mixed precision: value follows autocast, locations/weights may not.
+        output = ms_deform_attn(
+            value,
+            spatial_shapes,
+            level_start_index,
+            locations.to(value.dtype),
+            weights.to(value.dtype),
+        )
+        output = self.output_proj(output)
+        if not self.batch_first:
+            # (bs, n, c) -> (n, bs, c)
+            output = output.permute(1, 0, 2)
+        return self.dropout(output) + identity

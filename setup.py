@@ -1,0 +1,113 @@
+"""Build script for mmdet_deform (extension-cpp / detectron2 style).
+
+``pip install --no-build-isolation -e .`` compiles ``mmdet_deform._C``:
+
+* the C++ CPU kernel of multi-scale deformable attention is always built
+  (``-O3``, ATen's ``at::parallel_for`` for threading);
+* the CUDA kernel is added, with ``-DWITH_CUDA``, when torch has CUDA and
+  ``nvcc`` is found, or when ``FORCE_CUDA=1`` (``TORCH_CUDA_ARCH_LIST`` is
+  honoured by torch's ``BuildExtension``); ``FORCE_CUDA=0`` disables it;
+* ``DEBUG=1`` builds without optimisation and with debug symbols.
+"""
+
+import glob
+import os
+import os.path as osp
+
+from setuptools import find_packages, setup
+
+ROOT = osp.dirname(osp.abspath(__file__))
+CSRC = osp.join('mmdet_deform', 'ops', 'csrc')
+
+
+def get_version() -> str:
+    """Read ``__version__`` from ``mmdet_deform/version.py`` without
+    importing the package."""
+    scope: dict = {}
+    with open(osp.join(ROOT, 'mmdet_deform', 'version.py')) as f:
+        exec(compile(f.read(), 'version.py', 'exec'), scope)
+    return scope['__version__']
+
+
+def parse_requirements(name: str) -> list:
+    """Requirement lines of ``requirements/<name>.txt`` (comments dropped)."""
+    lines = []
+    with open(osp.join(ROOT, 'requirements', f'{name}.txt')) as f:
+        for line in f:
+            line = line.split('#', 1)[0].strip()
+            if line:
+                lines.append(line)
+    return lines
+
+
+def read_readme() -> str:
+    with open(osp.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        return f.read()
+
+
+def with_cuda() -> bool:
+    """Whether to compile the CUDA kernel (see module docstring)."""
+    force = os.getenv('FORCE_CUDA')
+    if force is not None:
+        return force == '1'
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.cuda.is_available() and CUDA_HOME is not None
+
+
+def get_extensions() -> list:
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    debug = os.getenv('DEBUG', '0') == '1'
+    sources = sorted(glob.glob(osp.join(CSRC, '*.cpp')) + glob.glob(osp.join(CSRC, 'cpu', '*.cpp')))
+    opt = ['-O0', '-g'] if debug else ['-O3']
+    extra_compile_args = {'cxx': opt + ['-std=c++17', '-fvisibility=hidden']}
+    define_macros = []
+    extension = CppExtension
+    if with_cuda():
+        extension = CUDAExtension
+        sources += sorted(glob.glob(osp.join(CSRC, 'cuda', '*.cu')))
+        define_macros.append(('WITH_CUDA', None))
+        extra_compile_args['nvcc'] = (['-O0', '-g', '-G'] if debug else ['-O3']) + [
+            '-std=c++17',
+            '--expt-relaxed-constexpr',
+            '-D__CUDA_NO_HALF_OPERATORS__',
+            '-D__CUDA_NO_HALF_CONVERSIONS__',
+            '-D__CUDA_NO_BFLOAT16_CONVERSIONS__',
+            '-D__CUDA_NO_HALF2_OPERATORS__',
+        ]
+    return [
+        extension(
+            'mmdet_deform._C',
+            sources,
+            include_dirs=[osp.join(ROOT, CSRC)],
+            define_macros=define_macros,
+            extra_compile_args=extra_compile_args,
+            extra_link_args=['-g'] if debug else [],
+        )
+    ]
+
+
+if __name__ == '__main__':
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        name='mmdet_deform',
+        version=get_version(),
+        description='Deformable DETR for the OpenMMLab stack, with a fast compiled '
+        'multi-scale deformable attention op',
+        long_description=read_readme(),
+        long_description_content_type='text/markdown',
+        license='Apache-2.0',
+        python_requires='>=3.9',
+        packages=find_packages(include=('mmdet_deform', 'mmdet_deform.*')),
+        package_data={
+            'mmdet_deform.ops': ['csrc/*.h', 'csrc/*.cpp', 'csrc/*/*.cpp', 'csrc/*/*.cu']
+        },
+        install_requires=parse_requirements('runtime'),
+        extras_require={'tests': parse_requirements('tests')},
+        ext_modules=get_extensions(),
+        cmdclass={'build_ext': BuildExtension.with_options(no_python_abi_suffix=False)},
+        zip_safe=False,
+    )
