@@ -109,7 +109,13 @@ if __name__ == '__main__':
         python_requires='>=3.9',
         packages=find_packages(include=('mmdet_deform', 'mmdet_deform.*')),
         package_data={
-            'mmdet_deform.ops': ['csrc/*.h', 'csrc/*.cpp', 'csrc/*/*.cpp', 'csrc/*/*.cu']
+            'mmdet_deform.ops': [
+                'csrc/*.h',
+                'csrc/*.cpp',
+                'csrc/*/*.cpp',
+                'csrc/*/*.cu',
+                'csrc/*/*.cuh',
+            ]
         },
         install_requires=parse_requirements('runtime'),
         extras_require={'tests': parse_requirements('tests')},
