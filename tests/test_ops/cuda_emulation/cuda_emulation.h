@@ -231,7 +231,7 @@ inline void check_access(const void* ptr, std::size_t bytes, std::size_t alignme
 // ---------------------------------------------------------------------------
 // Blocks, warp shuffles
 // ---------------------------------------------------------------------------
-constexpr auto kDeadlockTimeout = std::chrono::seconds(20);
+constexpr auto kDeadlockTimeout = std::chrono::seconds(60);
 
 struct GroupBarrier {
   std::mutex mutex;
