@@ -59,7 +59,7 @@ model = dict(
         ),
     ),
     positional_encoding=dict(num_feats=embed_dims // 2),
-    bbox_head=dict(num_classes=6),
+    bbox_head=dict(num_classes=6, embed_dims=embed_dims),
 )
 
 # Schedule: the backbone is trained from scratch, so it gets the full lr.

@@ -1,6 +1,7 @@
-"""Training-loop support: checkpoint loading on torch >= 2.6, hooks."""
+"""Training-loop support: checkpoint loading on torch >= 2.6, hooks, bf16 autocast."""
 
 from . import hooks  # noqa: F401  (registers hooks)
 from .checkpoint import allow_mmengine_checkpoint_globals
+from .optim_wrappers import AutocastOptimWrapper
 
-__all__ = ['allow_mmengine_checkpoint_globals']
+__all__ = ['AutocastOptimWrapper', 'allow_mmengine_checkpoint_globals']

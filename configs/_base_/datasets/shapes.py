@@ -48,7 +48,8 @@ shapes_test_pipeline = [
     dict(type='LoadAnnotations', with_bbox=True),
     dict(
         type='PackDetInputs',
-        meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'),
+        # 'instances': the raw ground truth, which CocoMetric(ann_file=None) evaluates against
+        meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor', 'instances'),
     ),
 ]
 
