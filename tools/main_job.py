@@ -99,7 +99,7 @@ def draw_predictions(
     tiles = [cv2.resize(t, (size, size)) if t.shape[:2] != (size, size) else t for t in tiles]
     for tile, path in zip(tiles, images):
         cv2.putText(tile, osp.basename(path), (4, 14), 0, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
-    cols = min(3, len(tiles))
+    cols = math.ceil(math.sqrt(len(tiles)))
     rows = math.ceil(len(tiles) / cols)
     tiles += [np.zeros_like(tiles[0])] * (rows * cols - len(tiles))
     grid = np.concatenate(
