@@ -46,6 +46,7 @@ GENERATOR_VERSION = 1
 GENERATOR_NAME = 'mmdet_deform.shapes'
 MANIFEST_NAME = '.shapes_manifest.json'
 LOCK_NAME = '.shapes.lock'
+_TMP_PREFIX = '.shapes_tmp_'  # atomic writes of the manifest (in the root) go through these
 SPLITS = ('train', 'val')
 _SPLIT_CODE = {'train': 0, 'val': 1}
 _JPEG_QUALITY = 90
@@ -118,7 +119,7 @@ def read_manifest(root: str) -> Optional[dict]:
 
 def _write_json_atomic(path: str, obj: object) -> None:
     """Write ``obj`` as JSON to ``path`` so that readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=osp.dirname(path), prefix='.tmp_', suffix='.json')
+    fd, tmp = tempfile.mkstemp(dir=osp.dirname(path), prefix=_TMP_PREFIX, suffix='.json')
     try:
         with os.fdopen(fd, 'w', encoding='utf-8') as f:
             json.dump(obj, f)
@@ -145,7 +146,9 @@ def check_owned(root: str) -> None:
         raise ShapesDirError(f'shapes data root {root!r} exists and is not a directory')
     if read_manifest(root) is not None:
         return
-    others = sorted(set(os.listdir(root)) - {LOCK_NAME})
+    # Our lock file and temp files may be there without a manifest yet (another
+    # process is starting to generate, or a run was killed): they are ours.
+    others = sorted(n for n in os.listdir(root) if n != LOCK_NAME and not n.startswith(_TMP_PREFIX))
     if others:
         shown = ', '.join(others[:5]) + (', ...' if len(others) > 5 else '')
         raise ShapesDirError(

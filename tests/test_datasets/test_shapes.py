@@ -188,6 +188,15 @@ def test_refuses_a_directory_it_did_not_write(tmp_path):
         generate_shapes(str(a_file), 4, 2, **TINY)
 
 
+def test_lock_and_temp_files_of_another_generator_are_not_foreign(tmp_path):
+    # What a second process sees while the first one is writing its manifest.
+    root = tmp_path / 'shapes'
+    root.mkdir()
+    (root / '.shapes.lock').touch()
+    (root / '.shapes_tmp_abc.json').write_text('{')
+    assert ensure_shapes_split(str(root), 'val', 2, **TINY) is True
+
+
 def test_empty_existing_directory_is_used(tmp_path):
     root = tmp_path / 'empty'
     root.mkdir()
@@ -228,11 +237,17 @@ def test_concurrent_processes_generate_once(tmp_path, repo_root):
     pythonpath = os.pathsep.join([repo_root, os.environ.get('PYTHONPATH', '')])
     env = dict(os.environ, PYTHONPATH=pythonpath)
     procs = [
-        subprocess.Popen([sys.executable, '-c', code], env=env, stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, '-c', code],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0]
+    outs, errs = zip(*(p.communicate(timeout=300) for p in procs))
+    assert [p.returncode for p in procs] == [0, 0], '\n'.join(e[-2000:] for e in errs)
     results = sorted(line for out in outs for line in out.splitlines() if 'generated' in line)
     assert results == ['generated False', 'generated True']
     assert len(COCO(osp.join(root, 'annotations', 'train.json')).getImgIds()) == 16

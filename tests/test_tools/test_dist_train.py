@@ -44,12 +44,16 @@ def test_test_py_on_the_checkpoint_prints_coco_map(dist_run, tmp_path):
             str(tmp_path / 'test'),
             '--out',
             str(out),
+            '--show-dir',
+            'drawn',
             '--cfg-options',
             *smoke_options(dist_run.data_root),
         ]
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
+    drawn = list((tmp_path / 'test').glob('*/drawn/*.jpg'))
+    assert len(drawn) == 8  # --show-dir: every test image with its detections
     match = re.search(r'coco/bbox_mAP: (-?[\d.]+)', log)
     assert match, log[-3000:]
     assert -1.0 <= float(match.group(1)) <= 1.0

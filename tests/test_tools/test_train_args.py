@@ -12,7 +12,7 @@ from mmdet_deform.engine import AutocastOptimWrapper
 from mmdet_deform.utils import build_runner, enable_amp, enable_auto_scale_lr, load_config
 
 from ..conftest import REPO_ROOT
-from .conftest import CONFIG, load_tool
+from .conftest import CONFIG, load_tool, smoke_options
 
 CONFIG_PATH = osp.join(REPO_ROOT, CONFIG)
 
@@ -33,6 +33,8 @@ def test_cfg_options_reach_the_built_model_and_runner(train_tool, tmp_path):
         train_tool,
         tmp_path,
         '--cfg-options',
+        # the epoch-based scheduler reads len(train_dataloader): a tiny dataset in tmp
+        *smoke_options(str(tmp_path / 'shapes')),
         'model.num_queries=50',
         'optim_wrapper.optimizer.lr=1e-3',
         'model.backbone.out_indices=(1,2,3)',  # a tuple
@@ -40,7 +42,7 @@ def test_cfg_options_reach_the_built_model_and_runner(train_tool, tmp_path):
         'param_scheduler.0.milestones=[2,3]',  # a list inside a list item
         'model.encoder.layer_cfg.ffn_cfg.feedforward_channels=64',  # deeply nested
     )
-    assert cfg.train_dataloader.dataset.pipeline[2].scale == (128, 96)
+    assert cfg.train_dataloader.dataset.pipeline[2].scale == (128, 96)  # later option wins
     runner = build_runner(cfg)
     model = runner.model
     assert model.num_queries == 50
