@@ -27,9 +27,11 @@ from typing import Dict, List, Optional
 
 import cv2
 import numpy as np
+import torch  # first: mmdet_deform._C needs libtorch loaded
 from mmengine.config import Config, DictAction
 
 from mmdet_deform.datasets import ensure_shapes_split
+from mmdet_deform.ops import has_extension
 from mmdet_deform.utils import build_runner, load_config
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # tools/, for analysis_tools
@@ -121,6 +123,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     if args.data_root:
         for ds in _dataset_cfgs(cfg):
             ds.data_root = args.data_root
+
+    msda = 'compiled (mmdet_deform._C)' if has_extension() else 'pure-PyTorch fallback (slow)'
+    print(f'multi-scale deformable attention: {msda}, {torch.get_num_threads()} threads')
 
     _banner('1/4 data: the synthetic shapes dataset (generated on first use)')
     t = time.perf_counter()

@@ -13,6 +13,7 @@ import argparse
 import os
 from typing import List, Optional
 
+import torch  # noqa: F401  (first: mmdet_deform._C needs libtorch loaded)
 from mmengine.config import DictAction
 
 from mmdet_deform.utils import (

@@ -10,6 +10,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+import torch  # noqa: F401  (first: mmdet_deform._C needs libtorch loaded)
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 from pycocotools.coco import COCO

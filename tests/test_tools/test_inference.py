@@ -7,6 +7,7 @@ import os.path as osp
 import cv2
 import numpy as np
 import pytest
+import torch  # noqa: F401  (first: mmdet_deform._C needs libtorch loaded)
 
 from mmdet_deform.datasets import SHAPE_CLASSES
 from mmdet_deform.models import DeformableDETR

@@ -26,6 +26,7 @@ def test_main_job_trains_evaluates_and_draws(tmp_path, shapes_root):
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
+    assert 'multi-scale deformable attention: compiled' in out
     for step in ('1/4 data', '2/4 train', '3/4 evaluate', '4/4 pictures', 'done'):
         assert f'==== {step}' in out
     assert re.search(r'Epoch\(train\) \[1\]\[4/4\].*eta', out)  # progress with ETA

@@ -13,6 +13,8 @@ import argparse
 import sys
 from typing import List, Optional
 
+import torch  # noqa: F401  (first: mmdet_deform._C needs libtorch loaded)
+
 from mmdet_deform.datasets import ShapesDirError, ShapesRenderParams, generate_shapes
 
 
