@@ -19,7 +19,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as torch_dist
-from mmdet.utils import register_all_modules
 from mmengine.config import Config
 from mmengine.runner import Runner
 
@@ -51,10 +50,6 @@ def load_config(
         raise ValueError(f'launcher must be one of {LAUNCHERS}, got {launcher!r}')
     if not osp.isfile(config):
         raise FileNotFoundError(f'config file not found: {config!r}')
-    # Our registries are children of mmdet's, and mmdet fills its own lazily:
-    # import mmdet's modules so that unscoped names (DetLocalVisualizer,
-    # CocoMetric, DetVisualizationHook...) resolve from the mmdet_deform scope.
-    register_all_modules(init_default_scope=False)
     cfg = Config.fromfile(config)
     cfg.launcher = launcher
     if cfg_options:
