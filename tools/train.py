@@ -18,6 +18,7 @@ from mmengine.config import DictAction
 
 from mmdet_deform.utils import (
     build_runner,
+    check_work_dir,
     enable_amp,
     enable_auto_scale_lr,
     load_config,
@@ -72,6 +73,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.auto_scale_lr:
         enable_auto_scale_lr(cfg)
     set_resume(cfg, args.resume)
+    check_work_dir(cfg, args.resume)
     runner = build_runner(cfg)
     runner.train()
 

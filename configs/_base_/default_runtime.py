@@ -6,15 +6,24 @@ default_hooks = dict(
     timer=dict(type='IterTimerHook'),
     logger=dict(type='LoggerHook', interval=50),
     param_scheduler=dict(type='ParamSchedulerHook'),
-    # atomic writes (temp file, fsync, rename): a kill mid-save never leaves a
-    # truncated checkpoint behind (mmdet_deform.engine.AtomicLocalBackend)
-    checkpoint=dict(type='CheckpointHook', interval=1, backend_args=dict(backend='atomic_local')),
+    # a kill at any moment leaves a complete checkpoint: atomic writes (temp file,
+    # fsync, rename: mmdet_deform.engine.AtomicLocalBackend), outdated checkpoints
+    # removed only after the new one is saved (mmdet_deform.AtomicCheckpointHook)
+    checkpoint=dict(
+        type='mmdet_deform.AtomicCheckpointHook',
+        interval=1,
+        backend_args=dict(backend='atomic_local'),
+    ),
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='DetVisualizationHook'),
 )
 
-# Skip optimizer steps with a non-finite loss or gradient norm; stop after 10 in a row.
-custom_hooks = [dict(type='mmdet_deform.NonFiniteCheckHook', max_consecutive=10)]
+custom_hooks = [
+    # skip optimizer steps with a non-finite loss or gradient norm; stop after 10 in a row
+    dict(type='mmdet_deform.NonFiniteCheckHook', max_consecutive=10),
+    # checkpoints hold the random generators' state; --resume restores it
+    dict(type='mmdet_deform.RNGStateHook'),
+]
 
 env_cfg = dict(
     cudnn_benchmark=False,

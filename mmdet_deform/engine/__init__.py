@@ -3,14 +3,16 @@
 from . import hooks  # noqa: F401  (registers hooks)
 from .checkpoint import allow_mmengine_checkpoint_globals, find_latest_checkpoint
 from .fileio import AtomicLocalBackend, atomic_write_bytes
-from .hooks import NonFiniteCheckHook, NonFiniteLossError
+from .hooks import AtomicCheckpointHook, NonFiniteCheckHook, NonFiniteLossError, RNGStateHook
 from .optim_wrappers import AutocastOptimWrapper
 
 __all__ = [
+    'AtomicCheckpointHook',
     'AtomicLocalBackend',
     'AutocastOptimWrapper',
     'NonFiniteCheckHook',
     'NonFiniteLossError',
+    'RNGStateHook',
     'allow_mmengine_checkpoint_globals',
     'atomic_write_bytes',
     'find_latest_checkpoint',

@@ -2,6 +2,7 @@
 
 from .launch import (
     build_runner,
+    check_work_dir,
     enable_amp,
     enable_auto_scale_lr,
     init_cpu_distributed,
@@ -11,6 +12,7 @@ from .launch import (
 
 __all__ = [
     'build_runner',
+    'check_work_dir',
     'enable_amp',
     'enable_auto_scale_lr',
     'init_cpu_distributed',

@@ -12,14 +12,17 @@ machine without CUDA needs:
 """
 
 import datetime
+import logging
 import os
 import os.path as osp
+import re
 import subprocess
 from typing import Optional
 
 import torch
 import torch.distributed as torch_dist
 from mmengine.config import Config
+from mmengine.logging import print_log
 from mmengine.runner import Runner
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
@@ -100,15 +103,84 @@ def enable_auto_scale_lr(cfg: Config) -> None:
     cfg.auto_scale_lr.enable = True
 
 
-def set_resume(cfg: Config, resume: Optional[str]) -> None:
-    """``--resume``: ``'auto'`` resumes from the work dir's latest checkpoint,
-    a path from that checkpoint, None does not resume."""
-    if resume == 'auto':
-        cfg.resume = True
-        cfg.load_from = None
-    elif resume is not None:
+def set_resume(cfg: Config, resume: Optional[str]) -> Optional[str]:
+    """``--resume``: without a path (``'auto'``) resume from the work dir's
+    latest *complete* checkpoint, with a path from that checkpoint; None does
+    not resume.
+
+    The latest checkpoint is found by
+    :func:`mmdet_deform.engine.find_latest_checkpoint`, which follows the
+    ``last_checkpoint`` pointer only if it names a complete checkpoint (a run
+    killed during a save may leave it stale), else takes the newest complete
+    ``epoch_*.pth`` / ``iter_*.pth``. With none there, training starts as
+    configured (``load_from`` included) and says so. A config with
+    ``resume = True`` and no ``load_from`` counts as ``--resume``.
+
+    Returns:
+        str or None: The checkpoint training will resume from.
+    """
+    if resume is None and cfg.get('resume', False) and cfg.get('load_from') is None:
+        resume = 'auto'
+    if resume is None:
+        return None
+    if resume != 'auto':
+        if not osp.isfile(resume):
+            raise FileNotFoundError(f'--resume: checkpoint not found: {resume!r}')
         cfg.resume = True
         cfg.load_from = resume
+        return resume
+    from mmdet_deform.engine import find_latest_checkpoint
+
+    found = find_latest_checkpoint(cfg.work_dir)
+    if found is None:
+        # mmengine's own search would trust a stale pointer: don't let it run
+        cfg.resume = False
+        print_log(
+            f'--resume: no complete checkpoint in {cfg.work_dir}; starting a new run',
+            logger='current',
+            level=logging.WARNING,
+        )
+        return None
+    cfg.resume = True
+    cfg.load_from = found
+    print_log(f'--resume: resuming from {found}, the latest complete checkpoint', 'current')
+    return found
+
+
+#: Files of a work dir that a new run (without ``--resume``) would overwrite.
+_RUN_OUTPUTS = re.compile(r'(epoch|iter)_\d+\.pth|best_.*\.pth|last_checkpoint')
+
+
+def check_work_dir(cfg: Config, resume: Optional[str] = None) -> None:
+    """Refuse to start a new run over the checkpoints of an earlier one.
+
+    mmengine keeps each run's logs in a timestamped subfolder of the work
+    dir, but writes checkpoints (``epoch_N.pth``, ``last_checkpoint``) into
+    the work dir itself, so a second run there would overwrite (and, with
+    ``max_keep_ckpts``, delete) the first one's. Call this before building the
+    runner.
+
+    Args:
+        cfg (Config): The config (its ``work_dir``).
+        resume (str, optional): ``--resume`` (``'auto'`` or a path): the user
+            asked to continue in this work dir, which is allowed.
+
+    Raises:
+        FileExistsError: The work dir holds checkpoints and the run does not
+            resume; the message names the work dir and the ways out.
+    """
+    work_dir = cfg.work_dir
+    if resume is not None or cfg.get('resume', False) or not osp.isdir(work_dir):
+        return
+    found = sorted(n for n in os.listdir(work_dir) if _RUN_OUTPUTS.fullmatch(n))
+    if found:
+        shown = ', '.join(found[:4]) + (', ...' if len(found) > 4 else '')
+        raise FileExistsError(
+            f'work dir {work_dir!r} already holds the checkpoints of an earlier run ({shown}); '
+            'a new run would overwrite them. Continue that run with --resume (its latest '
+            'complete checkpoint) or --resume CKPT, or start a new run with another '
+            '--work-dir. Nothing was changed.'
+        )
 
 
 def init_cpu_distributed(launcher: str, cfg: Config) -> None:

@@ -41,6 +41,30 @@ def smoke_options(data_root: str) -> List[str]:
     return opts
 
 
+def train_only_options(data_root: str, max_epochs: int) -> List[str]:
+    """A tiny training run without validation: the 16 train images of the
+    shared tiny dataset (4 iterations an epoch), in the main process
+    (``num_workers=0``, so the run is a function of the seed), logging every
+    iteration."""
+    key = 'train_dataloader.dataset'
+    return [
+        f'train_cfg.max_epochs={max_epochs}',
+        'val_cfg=None',
+        'val_dataloader=None',
+        'val_evaluator=None',
+        'default_hooks.logger.interval=1',
+        'train_dataloader.num_workers=0',
+        'train_dataloader.persistent_workers=False',
+        f'{key}.indices=16',
+        f'{key}.data_root={data_root}',
+        f'{key}.generate.num_images={SPLIT_SIZES["train"]}',
+        f'{key}.generate.img_size={SIZE}',
+        f'{key}.generate.min_size=6.0',
+        f'{key}.generate.max_size=60.0',
+        f'{key}.pipeline.2.scale=({SIZE},{SIZE})',
+    ]
+
+
 def tool_env() -> Dict[str, str]:
     """Environment of tool subprocesses: this checkout first, one thread each."""
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get('PYTHONPATH')) if p)

@@ -6,7 +6,6 @@ import os.path as osp
 
 import pytest
 import torch
-from mmengine.config import Config
 
 from mmdet_deform.engine import AutocastOptimWrapper
 from mmdet_deform.utils import build_runner, enable_amp, enable_auto_scale_lr, load_config
@@ -92,17 +91,6 @@ def test_auto_scale_lr(train_tool, tmp_path):
     cfg.pop('auto_scale_lr')
     with pytest.raises(RuntimeError, match='base_batch_size'):
         enable_auto_scale_lr(cfg)
-
-
-@pytest.mark.parametrize(
-    'extra,resume,load_from',
-    [([], False, None), (['--resume'], True, None), (['--resume', 'x.pth'], True, 'x.pth')],
-)
-def test_resume_flag(train_tool, tmp_path, extra, resume, load_from):
-    args = train_tool.parse_args([CONFIG_PATH, *extra])
-    cfg = Config(dict(resume=False, load_from=None))
-    train_tool.set_resume(cfg, args.resume)
-    assert cfg.resume is resume and cfg.load_from == load_from
 
 
 def test_pytorch_launcher_without_cuda_uses_gloo(train_tool, tmp_path):
