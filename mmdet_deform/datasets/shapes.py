@@ -3,15 +3,14 @@
 import os.path as osp
 from typing import List, Optional
 
-from mmdet.datasets import CocoDataset
-
 from ..registry import DATASETS
+from .checked_coco import CheckedCocoDataset
 from .shapes_drawing import SHAPE_CLASSES
 from .shapes_generator import GENERATE_HINT, ann_file_of, ensure_shapes_split, img_dir_of
 
 
 @DATASETS.register_module()
-class ShapesDataset(CocoDataset):
+class ShapesDataset(CheckedCocoDataset):
     """COCO-format dataset of the synthetic shapes (circle, square, ...).
 
     With ``generate`` set, the split is generated into ``data_root`` when it
@@ -19,17 +18,19 @@ class ShapesDataset(CocoDataset):
     :func:`~mmdet_deform.datasets.shapes_generator.ensure_shapes_split`), so a
     config trains on a fresh machine without any download. Every rank of a
     distributed run may build the dataset at once: generation is serialized
-    by a file lock and done once.
+    by a file lock and done once. Bad boxes and image files are reported as
+    :class:`~mmdet_deform.datasets.CheckedCocoDataset` does.
 
     Args:
-        *args: Passed to :class:`mmdet.datasets.CocoDataset`.
+        *args: Passed to :class:`CheckedCocoDataset`.
         generate (dict, optional): Arguments of ``ensure_shapes_split`` except
             ``root``: ``split`` (``'train'`` or ``'val'``), ``num_images``,
             ``seed`` and rendering parameters. ``ann_file`` and
             ``data_prefix.img`` must then be the split's
             (``annotations/<split>.json`` and ``<split>/``). None: the data
             must exist already.
-        **kwargs: Passed to :class:`mmdet.datasets.CocoDataset`.
+        **kwargs: Passed to :class:`CheckedCocoDataset` (e.g.
+            ``skip_bad_images``) and :class:`mmdet.datasets.CocoDataset`.
     """
 
     METAINFO = dict(
@@ -62,15 +63,16 @@ class ShapesDataset(CocoDataset):
                     f'is at {expected[key]!r}; make them agree'
                 )
 
+    def _missing_ann_file_message(self) -> str:
+        return (
+            f'ShapesDataset: annotation file {self.ann_file!r} not found. Generate the '
+            f'shapes data with `{GENERATE_HINT}`, or set `generate=dict(split=..., '
+            'num_images=...)` on the dataset to generate it on first use.'
+        )
+
     def load_data_list(self) -> List[dict]:
         """Generate the split if needed, then load it as COCO."""
         if self.generate is not None:
             self._check_generated_paths()
             ensure_shapes_split(self.data_root, **self.generate)
-        elif not osp.isfile(self.ann_file):
-            raise FileNotFoundError(
-                f'ShapesDataset: annotation file {self.ann_file!r} not found. Generate the '
-                f'shapes data with `{GENERATE_HINT}`, or set `generate=dict(split=..., '
-                'num_images=...)` on the dataset to generate it on first use.'
-            )
         return super().load_data_list()

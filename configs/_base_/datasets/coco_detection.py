@@ -1,5 +1,7 @@
 # COCO 2017 detection, in mmdet's layout under data/coco/.
-dataset_type = 'CocoDataset'
+# mmdet's CocoDataset plus clear errors for missing / corrupt files and a
+# warning counting the degenerate boxes it drops (mmdet_deform.CheckedCocoDataset)
+dataset_type = 'mmdet_deform.CheckedCocoDataset'
 data_root = 'data/coco/'
 backend_args = None
 
