@@ -75,8 +75,10 @@ model = dict(
         loss_iou=dict(type='GIoULoss', loss_weight=2.0),  # mmdet GIoULoss
     ),
     train_cfg=dict(
-        assigner=dict(  # mmdet HungarianAssigner
-            type='HungarianAssigner',
+        # mmdet's HungarianAssigner, safe for non-finite predictions (the
+        # NonFiniteCheckHook then skips the step instead of scipy raising)
+        assigner=dict(
+            type='mmdet_deform.SafeHungarianAssigner',
             match_costs=[
                 dict(type='FocalLossCost', weight=2.0),
                 dict(type='BBoxL1Cost', weight=5.0, box_format='xywh'),
