@@ -293,3 +293,26 @@ def test_dataset_rejects_paths_that_do_not_match_the_split(tmp_path):
     with pytest.raises(ValueError, match='ann_file'):
         DATASETS.build(cfg)
     assert not (tmp_path / 'shapes').exists()
+
+
+def test_dataset_never_overwrites_a_users_data_root(tmp_path):
+    """A user's own COCO data at the config's data_root (same layout, same
+    file names as the generator's, but no manifest) is refused, not
+    regenerated over."""
+    root = tmp_path / 'shapes'
+    generate_shapes(str(root), num_train=3, num_val=2, seed=9, **TINY)
+    os.unlink(root / MANIFEST_NAME)  # now it is the user's: same names, not ours
+    os.unlink(root / '.shapes.lock')
+    with open(root / 'annotations' / 'train.json') as f:
+        coco = json.load(f)
+    coco['info'] = {'description': 'my own labels'}
+    with open(root / 'annotations' / 'train.json', 'w') as f:
+        json.dump(coco, f)
+    before = _digest(str(root))
+    cfg = _shapes_cfg('train')
+    cfg.update(data_root=str(root))
+    cfg['generate'].update(num_images=12, **TINY)  # would regenerate a split of ours
+    with pytest.raises(ShapesDirError, match=rf'{root}.*not written by the shapes generator'):
+        DATASETS.build(cfg)
+    assert _digest(str(root)) == before
+    assert sorted(os.listdir(root)) == ['annotations', 'train', 'val']  # no lock left behind
