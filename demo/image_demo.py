@@ -7,13 +7,58 @@
 (the image with the detections above ``--score-thr`` drawn) and
 ``OUT_DIR/preds/<name>.json`` (all detections: labels, scores, boxes in
 xyxy pixels). Class names and palette come from the checkpoint's metadata.
+
+Every input is checked before the model is built: a missing path, a folder
+without images, or a file that is empty, truncated or not an image OpenCV can
+read stops the demo with a message naming the file (exit code 2). Grayscale,
+RGBA and 16-bit images are read as 3-channel colour images; any size works
+(the test pipeline resizes).
 """
 
 import argparse
+import os
 import os.path as osp
 from typing import List, Optional
 
+import cv2
 import torch
+
+#: The files of a folder that ``DetInferencer`` reads (mmdet's list).
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+
+
+def image_problem(path: str) -> Optional[str]:
+    """What keeps ``path`` from being read as an image (None: nothing found).
+
+    Cheap: reads the file's first and last bytes, decodes nothing.
+    """
+    from mmdet_deform.datasets import image_file_problem
+
+    problem = image_file_problem(path)
+    if problem is None and not cv2.haveImageReader(path):
+        problem = 'is not an image file OpenCV can read'
+    return problem
+
+
+def input_problems(inputs: str) -> List[str]:
+    """Problems of an input file, or of the images of an input folder.
+
+    Returns:
+        list[str]: One line per bad file (or the folder), empty when all is well.
+    """
+    if not osp.isdir(inputs):
+        problem = image_problem(inputs)
+        return [] if problem is None else [f'input {inputs!r} {problem}']
+    names = sorted(n for n in os.listdir(inputs) if n.endswith(IMG_EXTENSIONS))
+    if not names:
+        return [f'input folder {inputs!r} holds no images ({", ".join(IMG_EXTENSIONS)})']
+    problems = []
+    for name in names:
+        path = osp.join(inputs, name)
+        problem = 'is not a file' if not osp.isfile(path) else image_problem(path)
+        if problem is not None:
+            problems.append(f'image {path!r} {problem}')
+    return problems
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -45,6 +90,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not osp.exists(args.inputs):
         parser.error(f'input not found: {args.inputs!r}')
+    problems = input_problems(args.inputs)
+    if problems:
+        shown = problems[:10] + (
+            [f'... and {len(problems) - 10} more'] if len(problems) > 10 else []
+        )
+        parser.error('bad input, nothing was run:\n  ' + '\n  '.join(shown))
     if not osp.isfile(args.model):
         parser.error(f'config not found: {args.model!r}')
     if args.weights is not None and not osp.isfile(args.weights):

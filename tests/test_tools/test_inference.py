@@ -3,6 +3,8 @@ inference_detector and demo/image_demo.py write drawings and predictions."""
 
 import json
 import os.path as osp
+import re
+import shutil
 
 import cv2
 import numpy as np
@@ -13,7 +15,7 @@ from mmdet_deform.datasets import SHAPE_CLASSES
 from mmdet_deform.models import DeformableDETR
 
 from ..conftest import REPO_ROOT
-from .conftest import CONFIG, run_tool
+from .conftest import CONFIG, load_tool, run_tool
 
 pytestmark = pytest.mark.slow
 
@@ -106,3 +108,129 @@ def test_image_demo_names_a_missing_input(tmp_path):
     proc = run_tool(['demo/image_demo.py', str(tmp_path / 'none.jpg'), CONFIG])
     assert proc.returncode == 2
     assert 'input not found' in proc.stderr and 'none.jpg' in proc.stderr
+
+
+# ---------------------------------------------------------------- odd inputs
+def _write(path, img) -> str:
+    assert cv2.imwrite(str(path), img)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def odd_images(tmp_path_factory) -> dict:
+    """Images that are not 8-bit 3-channel, or tiny, or very large; each
+    with the 3-channel BGR image it must read as (None: no exact twin)."""
+    root = tmp_path_factory.mktemp('odd')
+    rng = np.random.default_rng(1)
+    gray = rng.integers(0, 255, (60, 90), dtype=np.uint8)
+    cv2.circle(gray, (30, 30), 15, 255, -1)
+    bgra = rng.integers(0, 255, (70, 50, 4), dtype=np.uint8)
+    tiny = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    large = np.zeros((3000, 3000, 3), np.uint8)  # smooth: fast to encode
+    cv2.rectangle(large, (500, 700), (1400, 2000), (0, 200, 50), -1)
+    return {
+        'gray': (
+            _write(root / 'gray.png', gray),
+            _write(root / 'gray3.png', gray[..., None].repeat(3, 2)),
+        ),
+        'rgba': (_write(root / 'rgba.png', bgra), _write(root / 'rgb.png', bgra[..., :3])),
+        'gray16': (_write(root / 'gray16.png', gray.astype(np.uint16) * 257), None),
+        'tiny': (_write(root / 'tiny.png', tiny), None),
+        'large': (_write(root / 'large.jpg', large), None),
+    }
+
+
+@pytest.fixture(scope='module')
+def shapes_inferencer():
+    """DetInferencer of the shapes config with random (seeded) weights."""
+    from mmdet.apis import DetInferencer
+
+    torch.manual_seed(0)
+    return DetInferencer(model=osp.join(REPO_ROOT, CONFIG), device='cpu', show_progress=False)
+
+
+def test_det_inferencer_reads_grayscale_rgba_tiny_and_large_images(shapes_inferencer, odd_images):
+    for name, (path, twin) in odd_images.items():
+        h, w = cv2.imread(path, cv2.IMREAD_UNCHANGED).shape[:2]
+        pred = shapes_inferencer(path, pred_score_thr=0.0)['predictions'][0]
+        boxes, scores = torch.tensor(pred['bboxes']), torch.tensor(pred['scores'])
+        assert len(boxes) == len(scores) == len(pred['labels']) > 0, name
+        assert torch.isfinite(boxes).all() and ((scores >= 0) & (scores <= 1)).all(), name
+        assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= w).all(), name  # in the image
+        assert (boxes[:, 1::2] >= 0).all() and (boxes[:, 1::2] <= h).all(), name
+        assert (boxes[:, 2:] >= boxes[:, :2]).all(), name
+        if twin is not None:  # read exactly as its 3-channel twin
+            expected = shapes_inferencer(twin, pred_score_thr=0.0)['predictions'][0]
+            torch.testing.assert_close(boxes, torch.tensor(expected['bboxes']))
+            torch.testing.assert_close(scores, torch.tensor(expected['scores']))
+
+
+def test_det_inferencer_names_a_missing_or_non_image_file(shapes_inferencer, tmp_path):
+    missing = str(tmp_path / 'missing.jpg')
+    with pytest.raises(FileNotFoundError, match='missing.jpg'):
+        shapes_inferencer(missing)
+    text = tmp_path / 'notes.jpg'
+    text.write_text('not an image')
+    with pytest.raises(Exception, match=r'failed to load image: .*notes\.jpg'):  # mmcv's error
+        shapes_inferencer(str(text))
+
+
+@pytest.mark.parametrize(
+    'make,problem',
+    [
+        (lambda root, good: str(root / 'missing.jpg'), 'input not found'),
+        (lambda root, good: _text(root / 'notes.txt'), 'is not an image file OpenCV can read'),
+        (lambda root, good: _text(root / 'fake.jpg'), 'is not an image file OpenCV can read'),
+        (lambda root, good: _text(root / 'empty.png', ''), r'is empty \(0 bytes\)'),
+        (lambda root, good: _truncated(root / 'cut.jpg', good), 'is truncated'),
+        (lambda root, good: _folder(root, good), r'bad\.jpg.* is not an image file'),
+        (lambda root, good: str(root), 'holds no images'),
+    ],
+)
+def test_image_demo_refuses_bad_input_naming_the_file(tmp_path, image, capsys, make, problem):
+    demo = load_tool('demo/image_demo.py')
+    inputs = make(tmp_path, image)
+    with pytest.raises(SystemExit) as info:
+        demo.parse_args([inputs, CONFIG])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(problem, err), err
+
+
+def _text(path, content: str = 'not an image') -> str:
+    path.write_text(content)
+    return str(path)
+
+
+def _truncated(path, good: str) -> str:
+    with open(good, 'rb') as f:
+        data = f.read()
+    path.write_bytes(data[: len(data) // 2])
+    return str(path)
+
+
+def _folder(root, good: str) -> str:
+    folder = root / 'images'
+    folder.mkdir()
+    shutil.copy(good, folder / 'good.jpg')
+    (folder / 'bad.jpg').write_text('not an image')
+    (folder / 'readme.txt').write_text('ignored: not an image extension')
+    return str(folder)
+
+
+def test_image_demo_runs_on_a_folder_of_odd_images(odd_images, tmp_path):
+    folder = tmp_path / 'in'
+    folder.mkdir()
+    for path, _ in odd_images.values():
+        shutil.copy(path, folder / osp.basename(path))
+    out_dir = str(tmp_path / 'out')
+    proc = run_tool(['demo/image_demo.py', str(folder), CONFIG, '--out-dir', out_dir,
+                     '--device', 'cpu', '--score-thr', '0.0'])  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    for name, (path, _) in odd_images.items():
+        stem = osp.splitext(osp.basename(path))[0]
+        h, w = cv2.imread(path, cv2.IMREAD_UNCHANGED).shape[:2]
+        vis = cv2.imread(osp.join(out_dir, 'vis', osp.basename(path)))
+        assert vis is not None and vis.shape == (h, w, 3), name
+        with open(osp.join(out_dir, 'preds', f'{stem}.json')) as f:
+            assert len(json.load(f)['labels']) > 0, name
