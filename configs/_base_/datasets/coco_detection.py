@@ -33,6 +33,7 @@ train_dataloader = dict(
         ann_file='annotations/instances_train2017.json',
         data_prefix=dict(img='train2017/'),
         filter_cfg=dict(filter_empty_gt=True, min_size=32),
+        skip_bad_images=False,  # True: skip missing / corrupt image files with a warning
         pipeline=train_pipeline,
         backend_args=backend_args,
     ),

@@ -65,6 +65,7 @@ shapes_train_dataloader = dict(
         data_prefix=dict(img='train/'),
         generate=dict(split='train', num_images=2000, **shapes_generate),
         filter_cfg=dict(filter_empty_gt=False),
+        skip_bad_images=False,  # True: skip missing / corrupt image files with a warning
         pipeline=shapes_train_pipeline,
         backend_args=shapes_backend_args,
     ),
