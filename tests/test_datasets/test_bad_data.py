@@ -210,6 +210,7 @@ def test_images_without_boxes_train_as_negatives(coco_root):
     cfg.model.bbox_head.num_classes = len(CLASSES)
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
+    model.init_weights()  # level_embed is uninitialised memory until then (as in mmdet)
     model.train()
     data = model.data_preprocessor(batch, True)
     losses = model.loss(data['inputs'], data['data_samples'])
