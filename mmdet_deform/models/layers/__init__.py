@@ -3,8 +3,31 @@
 from mmdet_deform.ops import MultiScaleDeformableAttention
 from mmdet_deform.registry import MODELS
 
+from .transformer import (
+    DeformableDetrTransformerDecoder,
+    DeformableDetrTransformerDecoderLayer,
+    DeformableDetrTransformerEncoder,
+    DeformableDetrTransformerEncoderLayer,
+    get_encoder_proposals,
+    get_encoder_reference_points,
+    get_padding_masks,
+    get_proposal_pos_embed,
+    get_valid_ratios,
+)
+
 # Registered in our scope only: mmcv's entry of the same name in mmengine's
 # root registry is left untouched.
 MODELS.register_module(module=MultiScaleDeformableAttention)
 
-__all__ = ['MultiScaleDeformableAttention']
+__all__ = [
+    'DeformableDetrTransformerDecoder',
+    'DeformableDetrTransformerDecoderLayer',
+    'DeformableDetrTransformerEncoder',
+    'DeformableDetrTransformerEncoderLayer',
+    'MultiScaleDeformableAttention',
+    'get_encoder_proposals',
+    'get_encoder_reference_points',
+    'get_padding_masks',
+    'get_proposal_pos_embed',
+    'get_valid_ratios',
+]

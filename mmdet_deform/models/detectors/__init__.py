@@ -1,0 +1,5 @@
+"""Detectors of mmdet_deform."""
+
+from .deformable_detr import DeformableDETR
+
+__all__ = ['DeformableDETR']

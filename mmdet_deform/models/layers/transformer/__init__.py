@@ -1,0 +1,23 @@
+"""Deformable DETR transformer: encoder/decoder layers, reference points and
+two-stage proposals."""
+
+from .deformable_detr_layers import (
+    DeformableDetrTransformerDecoder,
+    DeformableDetrTransformerDecoderLayer,
+    DeformableDetrTransformerEncoder,
+    DeformableDetrTransformerEncoderLayer,
+)
+from .proposals import get_encoder_proposals, get_proposal_pos_embed
+from .reference_points import get_encoder_reference_points, get_padding_masks, get_valid_ratios
+
+__all__ = [
+    'DeformableDetrTransformerDecoder',
+    'DeformableDetrTransformerDecoderLayer',
+    'DeformableDetrTransformerEncoder',
+    'DeformableDetrTransformerEncoderLayer',
+    'get_encoder_proposals',
+    'get_encoder_reference_points',
+    'get_padding_masks',
+    'get_proposal_pos_embed',
+    'get_valid_ratios',
+]

@@ -1,0 +1,187 @@
+"""Behaviour of our Deformable DETR on its own: every config builds, losses
+on empty ground truth, padded batches, rescaling, config validation, and
+mmdet's inference API."""
+
+import glob
+import os.path as osp
+
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+
+from mmdet_deform.models import DeformableDETR, DeformableDETRHead
+from mmdet_deform.ops import MultiScaleDeformableAttention
+from mmdet_deform.registry import MODELS
+
+from .parity_utils import REPO_ROOT, SMALL, VARIANTS, make_batch
+
+CONFIGS = sorted(glob.glob(osp.join(REPO_ROOT, 'configs', 'deformable_detr', '*.py')))
+
+
+@pytest.fixture(autouse=True)
+def default_scope():
+    # unqualified names in our configs (ResNet, DetDataPreprocessor...) resolve
+    # from our scope, as in tools/train.py
+    init_default_scope('mmdet_deform')
+
+
+def small_model_cfg(variant: str) -> Config:
+    """Model config of a variant with the small test overrides."""
+    cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', 'deformable_detr', VARIANTS[variant][0]))
+    cfg.merge_from_dict(SMALL)
+    return cfg.model
+
+
+def build_small(variant: str, seed: int = 0) -> DeformableDETR:
+    torch.manual_seed(seed)
+    model = MODELS.build(small_model_cfg(variant))
+    model.init_weights()
+    return model
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: osp.basename(p))
+def test_shipped_config_builds(path):
+    cfg = Config.fromfile(path)
+    cfg.model.backbone.init_cfg = None
+    model = MODELS.build(cfg.model)
+    assert type(model) is DeformableDETR
+    assert type(model.bbox_head) is DeformableDETRHead
+    assert model.num_queries == cfg.model.num_queries
+    assert model.embed_dims == cfg.model.encoder.layer_cfg.self_attn_cfg.embed_dims
+    assert model.num_feature_levels == 4
+    num_layers = cfg.model.decoder.num_layers
+    assert len(model.encoder.layers) == cfg.model.encoder.num_layers
+    assert len(model.decoder.layers) == num_layers
+    for layer in model.encoder.layers:
+        assert type(layer.self_attn) is MultiScaleDeformableAttention
+    for layer in model.decoder.layers:
+        assert type(layer.cross_attn) is MultiScaleDeformableAttention
+    head = model.bbox_head
+    assert len(head.cls_branches) == num_layers + int(model.as_two_stage)
+    shared = head.cls_branches[0] is head.cls_branches[1]
+    assert shared == (not model.with_box_refine)
+    assert hasattr(model, 'query_embedding') != model.as_two_stage
+
+
+@pytest.mark.parametrize('variant', list(VARIANTS))
+def test_empty_ground_truth(variant):
+    """No objects: classification is still trained (all background), and no
+    box loss is made up."""
+    model = build_small(variant)
+    model.train()
+    inputs, samples = make_batch(num_classes=10, dtype=torch.float32, num_gts=(0, 0))
+    losses = model.loss(inputs, samples)
+    cls_names = [name for name in losses if name.endswith('loss_cls')]
+    box_names = [name for name in losses if name.endswith(('loss_bbox', 'loss_iou'))]
+    assert len(cls_names) == 2 + int(variant == 'two_stage')  # last, d0 (, enc)
+    for name in cls_names:
+        assert losses[name].item() > 0, name
+    for name in box_names:
+        assert losses[name].item() == 0, name
+    sum(losses.values()).backward()
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            assert torch.isfinite(param.grad).all(), name
+
+
+@pytest.mark.parametrize('variant', list(VARIANTS))
+def test_padded_batch_losses_and_rescaled_boxes(variant):
+    """Two images of different sizes (one padded), each resized from a
+    different original size: finite losses, and boxes inside each image,
+    rescaled back to each original size."""
+    model = build_small(variant)
+    inputs, samples = make_batch(num_classes=10, dtype=torch.float32)
+    # the second image was resized by (w, h) = (0.9, 0.7) from its original
+    samples[1].set_metainfo(dict(scale_factor=(0.9, 0.7), ori_shape=(320, 320)))
+    model.train()
+    losses = model.loss(inputs, [s.clone() for s in samples])
+    for name, value in losses.items():
+        assert torch.isfinite(value).all(), name
+
+    model.eval()
+    with torch.no_grad():
+        resized = model.predict(inputs, [s.clone() for s in samples], rescale=False)
+        original = model.predict(inputs, [s.clone() for s in samples], rescale=True)
+    for sample, res, orig in zip(samples, resized, original):
+        img_h, img_w = sample.img_shape
+        ori_h, ori_w = sample.ori_shape
+        boxes = res.pred_instances.bboxes
+        assert boxes.shape == (30, 4)
+        assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= img_w).all()
+        assert (boxes[:, 1::2] >= 0).all() and (boxes[:, 1::2] <= img_h).all()
+        assert (boxes[:, 2:] >= boxes[:, :2]).all()
+        scale_w, scale_h = sample.scale_factor
+        expected = boxes / boxes.new_tensor([scale_w, scale_h, scale_w, scale_h])
+        assert torch.allclose(orig.pred_instances.bboxes, expected)
+        assert (orig.pred_instances.bboxes[:, 0::2] <= ori_w + 1e-3).all()
+        assert (orig.pred_instances.bboxes[:, 1::2] <= ori_h + 1e-3).all()
+        scores = res.pred_instances.scores
+        assert ((scores >= 0) & (scores <= 1)).all()
+        assert (scores[:-1] >= scores[1:]).all()  # sorted
+        labels = res.pred_instances.labels
+        assert ((labels >= 0) & (labels < 10)).all()
+
+
+def test_padding_changes_nothing_for_the_unpadded_image():
+    """The first image of a padded batch is not padded: its detections equal
+    those of the same image alone (masks and valid ratios are per image)."""
+    model = build_small('two_stage')
+    model.eval()
+    inputs, samples = make_batch(num_classes=10, dtype=torch.float32)
+    with torch.no_grad():
+        batch = model.predict(inputs, [s.clone() for s in samples])
+        alone = model.predict(inputs[:1], [samples[0].clone()])
+    assert torch.allclose(batch[0].pred_instances.scores, alone[0].pred_instances.scores, atol=1e-5)
+    assert torch.allclose(batch[0].pred_instances.bboxes, alone[0].pred_instances.bboxes, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    'key, value, message',
+    [
+        ('bbox_head.share_pred_layer', True, 'share_pred_layer'),
+        ('bbox_head.as_two_stage', True, 'as_two_stage'),
+        ('decoder.post_norm_cfg', dict(type='LN'), 'post_norm_cfg'),
+        ('encoder.layer_cfg.self_attn_cfg.batch_first', False, 'batch_first'),
+        ('positional_encoding.num_feats', 64, 'num_feats'),
+        ('num_feature_levels', 3, 'num_levels'),
+        ('bbox_head.embed_dims', 128, 'embed_dims'),
+    ],
+)
+def test_bad_config_raises_a_clear_error(key, value, message):
+    model_cfg = small_model_cfg('refine')
+    *parents, last = key.split('.')
+    target = model_cfg
+    for parent in parents:
+        target = target[parent]
+    target[last] = value
+    with pytest.raises(ValueError, match=message):
+        MODELS.build(model_cfg)
+
+
+def test_inference_detector_with_our_config():
+    """mmdet's inference API builds our classes from our config path and
+    detects on a generated image."""
+    from mmdet.apis import inference_detector, init_detector
+
+    path = osp.join(REPO_ROOT, 'configs', 'deformable_detr', 'two_stage_r50.py')
+    model = init_detector(
+        path,
+        None,
+        device='cpu',
+        cfg_options={
+            'model.backbone.init_cfg': None,
+            # keep the generated image small (the default test scale is 1333x800)
+            'test_dataloader.dataset.pipeline.1.scale': (320, 256),
+        },
+    )
+    assert type(model) is DeformableDETR
+    assert type(model.encoder.layers[0].self_attn) is MultiScaleDeformableAttention
+    image = np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    result = inference_detector(model, image)
+    pred = result.pred_instances
+    assert pred.bboxes.shape == (100, 4)
+    assert result.ori_shape == (200, 300)
+    assert (pred.bboxes[:, 0::2] <= 300 + 1e-3).all() and (pred.bboxes[:, 1::2] <= 200 + 1e-3).all()
+    assert torch.isfinite(pred.scores).all()
