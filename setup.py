@@ -78,8 +78,12 @@ def get_extensions() -> list:
     )
     opt = ['-O0', '-g'] if debug else ['-O3']
     # No -std flag: BuildExtension adds the C++ standard the installed torch
-    # needs (C++17 up to torch 2.13, C++20 from torch 2.14).
-    extra_compile_args = {'cxx': opt + ['-fvisibility=hidden']}
+    # needs (C++17 up to torch 2.13, C++20 from torch 2.14). As torch's own
+    # build: no errno, no FP traps (lets the compiler if-convert and vectorise
+    # the kernels' branch-free loops).
+    extra_compile_args = {
+        'cxx': opt + ['-fvisibility=hidden', '-fno-math-errno', '-fno-trapping-math']
+    }
     extra_link_args = ['-g'] if debug else []
     if use_openmp():
         # at::parallel_for is an inline template: without -fopenmp it runs serially.

@@ -68,8 +68,16 @@ def ms_deform_attn_pytorch(
             (bs, num_queries, num_heads, num_levels, num_points).
 
     Returns:
-        Tensor: Attended values, has shape (bs, num_queries, num_heads * head_dim).
+        Tensor: Attended values, has shape (bs, num_queries, num_heads * head_dim),
+        in ``value``'s dtype. Float16/bfloat16 inputs are computed in float32
+        (as the kernels accumulate), which also keeps pixel coordinates and
+        gather indices exact on maps wider than 256 pixels.
     """
+    out_dtype = value.dtype
+    compute_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+    value = value.to(compute_dtype)
+    sampling_locations = sampling_locations.to(compute_dtype)
+    attention_weights = attention_weights.to(compute_dtype)
     bs, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     # (bs, num_keys, num_heads, head_dim) -> (bs, num_heads, num_keys, head_dim)
@@ -105,7 +113,7 @@ def ms_deform_attn_pytorch(
         output = output + sampled * attn
     # (bs, nh, nq*np, d) -> (bs, nh, nq, np, d) -> (bs, nq, nh, d) -> (bs, nq, nh*d)
     output = output.view(bs, num_heads, num_queries, num_points, head_dim).sum(3)
-    return output.transpose(1, 2).reshape(bs, num_queries, num_heads * head_dim)
+    return output.transpose(1, 2).reshape(bs, num_queries, num_heads * head_dim).to(out_dtype)
 
 
 # --------------------------------------------------------------------------
@@ -130,6 +138,12 @@ def ms_deform_attn(
     contiguous once. Non-finite sampling locations contribute zero. Every
     malformed input raises a ``ValueError``/``TypeError``/``RuntimeError``
     that names the argument.
+
+    The input check shared by the CPU and CUDA kernels copies
+    ``spatial_shapes`` and ``level_start_index`` to the host and validates
+    them there (they decide every memory access of the kernels). For CUDA
+    tensors this small device-to-host copy synchronises the current stream,
+    once in the forward and once in the backward call.
 
     Differentiable with respect to the three float inputs (the backward is
     the op ``torch.ops.mmdet_deform._ms_deform_attn_backward``; on the CPU its

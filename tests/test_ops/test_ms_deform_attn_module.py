@@ -2,6 +2,7 @@
 same name (mmcv is only the test oracle here): same state dict, same
 initialisation, same output and gradients."""
 
+import importlib
 import math
 
 import pytest
@@ -167,3 +168,57 @@ def test_autocast_bfloat16_cpu():
         out = ours(**inputs)
     assert torch.isfinite(out).all()
     assert_close(out.float(), expected, rtol=5e-2, atol=5e-2)
+
+
+def test_autocast_bfloat16_keeps_float32_locations(monkeypatch):
+    """Under CPU bf16 autocast the sampling locations reach the op in float32.
+
+    On a 512-pixel-wide map, locations rounded to bf16 (8 significant bits)
+    are off by up to one pixel; the output would then differ from the float32
+    one by O(1), while with float32 locations only the bf16 projections
+    differ. The second half checks that this setup does detect rounded
+    locations, so the tolerance of the first half means something.
+    """
+    # the module file, not the function of the same name that ops/__init__ exports
+    msda_module = importlib.import_module('mmdet_deform.ops.ms_deform_attn')
+    torch.manual_seed(0)
+    module = MultiScaleDeformableAttention(
+        embed_dims=32, num_heads=4, num_levels=1, num_points=2, dropout=0.0, batch_first=True
+    )
+    with torch.no_grad():
+        module.sampling_offsets.weight.normal_(std=0.5)
+    shapes, starts = level_metadata(((2, 512),))
+    query = torch.randn(2, 40, 32)
+    value = torch.randn(2, 2 * 512, 32)
+    reference_points = torch.rand(2, 40, 1, 2)
+    kwargs = dict(
+        value=value,
+        identity=torch.zeros_like(query),
+        reference_points=reference_points,
+        spatial_shapes=shapes,
+        level_start_index=starts,
+    )
+    expected = module(query, **kwargs)
+
+    op = msda_module.ms_deform_attn
+    seen = []
+
+    def recording_op(value, spatial_shapes, level_start_index, locations, weights):
+        seen.append(locations.dtype)
+        return op(value, spatial_shapes, level_start_index, locations, weights)
+
+    monkeypatch.setattr(msda_module, 'ms_deform_attn', recording_op)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = module(query, **kwargs)
+    assert seen == [torch.float32]
+    error = (out.float() - expected).abs().max().item()
+    assert error < 3e-2, error
+
+    def rounding_op(value, spatial_shapes, level_start_index, locations, weights):
+        # what casting the locations to value's dtype (bf16) used to do
+        return op(value, spatial_shapes, level_start_index, locations.bfloat16(), weights)
+
+    monkeypatch.setattr(msda_module, 'ms_deform_attn', rounding_op)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        rounded = module(query, **kwargs)
+    assert (rounded.float() - expected).abs().max().item() > 10 * error
