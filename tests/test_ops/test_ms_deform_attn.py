@@ -81,6 +81,24 @@ def test_low_precision_matches_float64(device, dtype, tol, head_dim):
     assert_all_close(actual, expected, loc=inputs[3], shapes=inputs[1], **tol)
 
 
+def test_reference_low_precision_on_a_wide_map():
+    """The reference computes bfloat16 inputs in float32: pixel coordinates
+    and gather indices stay exact on a map wider than 256 pixels (in bf16
+    they would round, up to an index past the end of the map)."""
+    from .msda_inputs import level_metadata
+
+    gen = torch.Generator().manual_seed(0)
+    shapes, starts = level_metadata(((3, 600),))
+    value = torch.randn(1, 1800, 2, 4, generator=gen).bfloat16()
+    loc = torch.rand(1, 50, 2, 1, 2, 2, generator=gen).bfloat16()
+    loc[0, 0, 0, 0, 0] = torch.tensor([1.0, 1.0])  # the last pixel's far corner
+    weights = torch.rand(1, 50, 2, 1, 2, generator=gen).bfloat16()
+    out = ms_deform_attn_pytorch(value, shapes, starts, loc, weights)
+    assert out.dtype == torch.bfloat16
+    exact = ms_deform_attn_pytorch(value.double(), shapes, starts, loc.double(), weights.double())
+    assert_close(out.double(), exact, rtol=1.6e-2, atol=1e-2)
+
+
 def test_mixed_float_dtypes_raise_type_error():
     value, shapes, starts, loc, weights = make_inputs(dtype=torch.float32)
     with pytest.raises(TypeError, match='sampling_locations must have the dtype of value'):
