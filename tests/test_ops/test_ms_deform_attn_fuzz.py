@@ -48,7 +48,7 @@ FAULTS = {
     'locations_dtype_mismatch': TypeError,
     'weights_dtype_mismatch': TypeError,
     'integer_value': TypeError,
-    'float16_on_cpu': RuntimeError,  # NotImplementedError, a RuntimeError
+    'float16_on_cpu': TypeError,  # float16 is for CUDA only
     'spatial_shapes_not_a_tensor': RuntimeError,
 }
 DTYPES = {'float32': torch.float32, 'float64': torch.float64, 'bfloat16': torch.bfloat16}
@@ -316,17 +316,11 @@ def run_fuzz(max_examples: Optional[Dict[str, int]] = None) -> Dict[str, Dict[st
         def check(structure, index):
             case = apply_fault(make_case(**structure), fault, index)
             try:
-                out = _call(case)
+                _call(case)
             except (ValueError, TypeError, RuntimeError) as e:
                 assert isinstance(e, FAULTS[fault]), f'{fault}: {type(e).__name__}: {e}'
                 text = str(e)
                 assert 'ms_deform_attn' in text, f'{fault}: message does not name the op: {text}'
-                counts['faults'][fault] += 1
-                return
-            if fault == 'float16_on_cpu' and out.numel() == 0:
-                # nothing to compute: the empty result is returned before the
-                # CPU kernel looks at the dtype, which is correct (see the report)
-                assert out.dtype == torch.float16 and out.shape == reference(case).shape
                 counts['faults'][fault] += 1
                 return
             raise AssertionError(f'{fault}: no error for inconsistent input')
