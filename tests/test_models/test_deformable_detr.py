@@ -182,3 +182,25 @@ def test_inference_detector_with_our_config():
     assert result.ori_shape == (200, 300)
     assert (pred.bboxes[:, 0::2] <= 300 + 1e-3).all() and (pred.bboxes[:, 1::2] <= 200 + 1e-3).all()
     assert torch.isfinite(pred.scores).all()
+
+
+def test_channels_last_changes_only_the_layout():
+    """channels_last (the default) keeps the backbone weights in NHWC and
+    gives the same detections as the NCHW model."""
+    model = build_small('refine')
+    conv = model.backbone.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    cfg = small_model_cfg('refine')
+    cfg.channels_last = False
+    nchw = MODELS.build(cfg)
+    nchw.load_state_dict(model.state_dict())
+    assert nchw.backbone.conv1.weight.is_contiguous()
+    inputs, samples = make_batch(num_classes=10, dtype=torch.float32)
+    model.eval()
+    nchw.eval()
+    with torch.no_grad():
+        ours = model.predict(inputs, [s.clone() for s in samples])
+        ref = nchw.predict(inputs, [s.clone() for s in samples])
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a.pred_instances.scores, b.pred_instances.scores, atol=1e-5)
+        assert torch.allclose(a.pred_instances.bboxes, b.pred_instances.bboxes, atol=1e-2)

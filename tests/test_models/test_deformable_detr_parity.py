@@ -33,6 +33,7 @@ def test_full_config_state_dict_matches_mmdet(variant, mmdet_config_dir):
     assert type(theirs) is MmdetDeformableDETR
     assert isinstance(ours.encoder.layers[0].self_attn, MultiScaleDeformableAttention)
     assert isinstance(ours.decoder.layers[0].cross_attn, MultiScaleDeformableAttention)
+    theirs.init_weights()  # level_embed starts uninitialised (torch.empty): may hold NaN
     theirs_state = theirs.state_dict()
     assert list(ours.state_dict()) == list(theirs_state)
     for name, value in ours.state_dict().items():

@@ -17,9 +17,11 @@ Example::
 """
 
 import argparse
+import logging
 import os.path as osp
 import statistics
 import time
+import warnings
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -56,7 +58,11 @@ def build_models(args: argparse.Namespace, device: str):
     import mmdet
     from mmdet.apis import init_detector
     from mmengine.config import Config
+    from mmengine.logging import MMLogger
     from mmengine.optim import build_optim_wrapper
+
+    # init_weights and the optimizer constructor log every parameter
+    MMLogger.get_current_instance().setLevel(logging.ERROR)
 
     mmdet_config = args.mmdet_config
     if not osp.isfile(mmdet_config):
@@ -204,6 +210,8 @@ def run_device(args: argparse.Namespace, device: str) -> List[Row]:
 
 def main() -> None:
     args = parse_args()
+    warnings.filterwarnings('ignore', message='torch.meshgrid')  # mmdet's encoder
+    warnings.filterwarnings('ignore', message='.*checkpoint is None')
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     import mmdet_deform  # noqa: F401  (registers our classes)
