@@ -254,3 +254,13 @@ def test_dropout_drops_with_probability_p_and_rescales():
     assert dropout(x, 0.0, training=True) is x
     with pytest.raises(ValueError, match='probability'):
         dropout(x, 1.5, training=True)
+
+
+def test_dropout_follows_torch_manual_seed():
+    x = torch.ones(1000)
+    masks = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        masks.append(dropout(x, 0.5, training=True))
+    assert torch.equal(masks[0], masks[1])
+    assert not torch.equal(masks[0], dropout(x, 0.5, training=True))
