@@ -15,9 +15,15 @@ so that they build to *our* classes even when the caller's default scope is
 ``mmdet`` (``DetInferencer`` and ``init_detector`` default to it): mmengine
 resolves ``<scope>.<name>`` through the registry tree from any node.
 
+mmdet fills its registries lazily (each imports its ``locations`` on first
+use), and a child's lookup walks its parents without triggering their
+imports, so every child here lists its parent's locations after its own.
+
 A registered model class must be an ``mmengine.model.BaseModule`` built from
 keyword arguments; a registered dataset must be an ``mmengine`` ``BaseDataset``.
 """
+
+from typing import Sequence
 
 from mmdet.registry import DATA_SAMPLERS as MMDET_DATA_SAMPLERS
 from mmdet.registry import DATASETS as MMDET_DATASETS
@@ -43,29 +49,34 @@ from mmengine.registry import Registry
 
 SCOPE = 'mmdet_deform'
 
-RUNNERS = Registry('runner', parent=MMDET_RUNNERS, scope=SCOPE)
-RUNNER_CONSTRUCTORS = Registry('runner constructor', parent=MMDET_RUNNER_CONSTRUCTORS, scope=SCOPE)
-LOOPS = Registry('loop', parent=MMDET_LOOPS, scope=SCOPE)
-HOOKS = Registry('hook', parent=MMDET_HOOKS, scope=SCOPE, locations=['mmdet_deform.engine.hooks'])
-DATASETS = Registry(
-    'dataset', parent=MMDET_DATASETS, scope=SCOPE, locations=['mmdet_deform.datasets']
+
+def _child(name: str, parent: Registry, locations: Sequence[str] = ()) -> Registry:
+    """A registry of the ``mmdet_deform`` scope under ``parent`` (mmdet's),
+    importing our ``locations`` and then the parent's on first use."""
+    return Registry(
+        name, parent=parent, scope=SCOPE, locations=[*locations, *(parent._locations or [])]
+    )
+
+
+RUNNERS = _child('runner', MMDET_RUNNERS)
+RUNNER_CONSTRUCTORS = _child('runner constructor', MMDET_RUNNER_CONSTRUCTORS)
+LOOPS = _child('loop', MMDET_LOOPS)
+HOOKS = _child('hook', MMDET_HOOKS, ['mmdet_deform.engine.hooks'])
+DATASETS = _child('dataset', MMDET_DATASETS, ['mmdet_deform.datasets'])
+DATA_SAMPLERS = _child('data sampler', MMDET_DATA_SAMPLERS)
+TRANSFORMS = _child('transform', MMDET_TRANSFORMS, ['mmdet_deform.datasets'])
+MODELS = _child('model', MMDET_MODELS, ['mmdet_deform.models'])
+MODEL_WRAPPERS = _child('model_wrapper', MMDET_MODEL_WRAPPERS)
+WEIGHT_INITIALIZERS = _child('weight initializer', MMDET_WEIGHT_INITIALIZERS)
+OPTIMIZERS = _child('optimizer', MMDET_OPTIMIZERS)
+OPTIM_WRAPPERS = _child('optim_wrapper', MMDET_OPTIM_WRAPPERS, ['mmdet_deform.engine'])
+OPTIM_WRAPPER_CONSTRUCTORS = _child(
+    'optimizer wrapper constructor', MMDET_OPTIM_WRAPPER_CONSTRUCTORS
 )
-DATA_SAMPLERS = Registry('data sampler', parent=MMDET_DATA_SAMPLERS, scope=SCOPE)
-TRANSFORMS = Registry(
-    'transform', parent=MMDET_TRANSFORMS, scope=SCOPE, locations=['mmdet_deform.datasets']
-)
-MODELS = Registry('model', parent=MMDET_MODELS, scope=SCOPE, locations=['mmdet_deform.models'])
-MODEL_WRAPPERS = Registry('model_wrapper', parent=MMDET_MODEL_WRAPPERS, scope=SCOPE)
-WEIGHT_INITIALIZERS = Registry('weight initializer', parent=MMDET_WEIGHT_INITIALIZERS, scope=SCOPE)
-OPTIMIZERS = Registry('optimizer', parent=MMDET_OPTIMIZERS, scope=SCOPE)
-OPTIM_WRAPPERS = Registry('optim_wrapper', parent=MMDET_OPTIM_WRAPPERS, scope=SCOPE)
-OPTIM_WRAPPER_CONSTRUCTORS = Registry(
-    'optimizer wrapper constructor', parent=MMDET_OPTIM_WRAPPER_CONSTRUCTORS, scope=SCOPE
-)
-PARAM_SCHEDULERS = Registry('parameter scheduler', parent=MMDET_PARAM_SCHEDULERS, scope=SCOPE)
-METRICS = Registry('metric', parent=MMDET_METRICS, scope=SCOPE)
-EVALUATOR = Registry('evaluator', parent=MMDET_EVALUATOR, scope=SCOPE)
-TASK_UTILS = Registry('task util', parent=MMDET_TASK_UTILS, scope=SCOPE)
-VISUALIZERS = Registry('visualizer', parent=MMDET_VISUALIZERS, scope=SCOPE)
-VISBACKENDS = Registry('vis_backend', parent=MMDET_VISBACKENDS, scope=SCOPE)
-LOG_PROCESSORS = Registry('log_processor', parent=MMDET_LOG_PROCESSORS, scope=SCOPE)
+PARAM_SCHEDULERS = _child('parameter scheduler', MMDET_PARAM_SCHEDULERS)
+METRICS = _child('metric', MMDET_METRICS)
+EVALUATOR = _child('evaluator', MMDET_EVALUATOR)
+TASK_UTILS = _child('task util', MMDET_TASK_UTILS)
+VISUALIZERS = _child('visualizer', MMDET_VISUALIZERS)
+VISBACKENDS = _child('vis_backend', MMDET_VISBACKENDS)
+LOG_PROCESSORS = _child('log_processor', MMDET_LOG_PROCESSORS)

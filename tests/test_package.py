@@ -67,3 +67,12 @@ print('OK')
     )
     assert proc.returncode == 0, proc.stderr
     assert 'OK' in proc.stdout
+
+
+def test_extension_loads_without_importing_torch_first():
+    """``import mmdet_deform`` as the first import still loads ``_C`` (which
+    needs libtorch loaded first) rather than falling back to the reference."""
+    script = 'import mmdet_deform; assert mmdet_deform.ops.has_extension(); print("OK")'
+    proc = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert 'OK' in proc.stdout

@@ -66,3 +66,26 @@ def test_mmdet_deformable_detr_still_builds(mmdet_config_dir, name):
     assert type(model) is MmdetDeformableDETR
     attn = model.encoder.layers[0].self_attn
     assert type(attn) is MmcvMSDA
+
+
+def test_runner_builds_from_our_config_in_a_fresh_process(repo_root, tmp_path):
+    """mmdet fills its registries lazily; our children must trigger that, so a
+    Runner builds from our config without ``register_all_modules``."""
+    import subprocess
+    import sys
+
+    script = f"""
+from mmengine.config import Config
+from mmengine.runner import Runner
+cfg = Config.fromfile('configs/deformable_detr/two_stage_shapes.py')
+cfg.work_dir = {str(tmp_path)!r}
+runner = Runner.from_cfg(cfg)
+assert type(runner.visualizer).__name__ == 'DetLocalVisualizer'
+assert type(runner.model).__module__.startswith('mmdet_deform.'), type(runner.model)
+print('OK')
+"""
+    proc = subprocess.run(
+        [sys.executable, '-c', script], cwd=repo_root, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'OK' in proc.stdout

@@ -6,10 +6,15 @@ default_hooks = dict(
     timer=dict(type='IterTimerHook'),
     logger=dict(type='LoggerHook', interval=50),
     param_scheduler=dict(type='ParamSchedulerHook'),
-    checkpoint=dict(type='CheckpointHook', interval=1),
+    # atomic writes (temp file, fsync, rename): a kill mid-save never leaves a
+    # truncated checkpoint behind (mmdet_deform.engine.AtomicLocalBackend)
+    checkpoint=dict(type='CheckpointHook', interval=1, backend_args=dict(backend='atomic_local')),
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='DetVisualizationHook'),
 )
+
+# Skip optimizer steps with a non-finite loss or gradient norm; stop after 10 in a row.
+custom_hooks = [dict(type='mmdet_deform.NonFiniteCheckHook', max_consecutive=10)]
 
 env_cfg = dict(
     cudnn_benchmark=False,

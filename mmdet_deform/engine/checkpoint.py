@@ -20,8 +20,12 @@ which only returns the public methods of ``HistoryBuffer``.
 """
 
 import inspect
+import os
+import os.path as osp
 import pickle
-from typing import List
+import re
+import zipfile
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -67,3 +71,45 @@ def allow_mmengine_checkpoint_globals() -> None:
     add_safe_globals(
         [HistoryBuffer, *_numpy_globals(), (_history_buffer_getattr, 'builtins.getattr')]
     )
+
+
+def find_latest_checkpoint(work_dir: str) -> Optional[str]:
+    """The checkpoint to resume from in ``work_dir``, robust to interrupted saves.
+
+    mmengine's version returns whatever ``last_checkpoint`` holds. Here the
+    pointer is followed only if it names an existing, complete checkpoint (a
+    readable zip archive, which a truncated ``torch.save`` file is not);
+    otherwise the newest complete ``epoch_*.pth`` / ``iter_*.pth`` in
+    ``work_dir`` is used. Leftover temporary files of an interrupted atomic
+    save are ignored.
+
+    Returns:
+        str or None: Path of the checkpoint, or None if there is none.
+    """
+    pointer = osp.join(work_dir, 'last_checkpoint')
+    if osp.isfile(pointer):
+        with open(pointer, encoding='utf-8') as f:
+            target = f.read().strip()
+        if target and _is_complete_checkpoint(target):
+            return target
+    candidates = []
+    for name in os.listdir(work_dir) if osp.isdir(work_dir) else []:
+        match = re.fullmatch(r'(epoch|iter)_(\d+)\.pth', name)
+        if match:
+            candidates.append((int(match.group(2)), osp.join(work_dir, name)))
+    for _, path in sorted(candidates, reverse=True):
+        if _is_complete_checkpoint(path):
+            return path
+    return None
+
+
+def _is_complete_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a whole ``torch.save`` archive (zip with a
+    readable central directory)."""
+    if not osp.isfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith('data.pkl') for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False

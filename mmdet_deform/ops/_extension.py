@@ -7,8 +7,12 @@ when compiled, CUDA) kernels. A source checkout that was never built has no
 and :func:`require_extension` raises an ``ImportError`` that says how to build.
 """
 
+import glob
+import os.path as osp
 import warnings
 from typing import Optional
+
+import torch  # loads libtorch/libc10, which _C links against
 
 BUILD_HINT = (
     'mmdet_deform._C, the compiled multi-scale deformable attention op, is not '
@@ -21,6 +25,14 @@ _import_error: Optional[BaseException] = None
 try:
     from mmdet_deform import _C  # noqa: F401  (registers torch.ops.mmdet_deform.*)
 except ImportError as e:  # pragma: no cover - exercised in a subprocess test
+    built = glob.glob(osp.join(osp.dirname(osp.dirname(__file__)), '_C*.so'))
+    if built:
+        # Built but unloadable (e.g. compiled against another torch): never
+        # fall back silently to the slow reference.
+        raise ImportError(
+            f'mmdet_deform._C exists ({built[0]}) but failed to load: {e}. Rebuild it against '
+            'the installed torch with `pip install --no-build-isolation -e .`.'
+        ) from e
     _import_error = e
 
 _warned = False
@@ -35,7 +47,6 @@ def has_cuda_kernel() -> bool:
     """Whether the extension was compiled with its CUDA kernel."""
     if not has_extension():
         return False
-    import torch
 
     return torch._C._dispatch_has_kernel_for_dispatch_key('mmdet_deform::ms_deform_attn', 'CUDA')
 

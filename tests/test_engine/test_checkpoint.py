@@ -49,7 +49,12 @@ def _runner(work_dir, max_epochs, resume=False, load_from=None) -> Runner:
         optim_wrapper=dict(optimizer=dict(type='AdamW', lr=0.01)),
         param_scheduler=dict(type='MultiStepLR', milestones=[1], by_epoch=True, begin=0, end=10),
         train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
-        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1)),
+        # as in configs/_base_/default_runtime.py: atomic checkpoint writes
+        default_hooks=dict(
+            checkpoint=dict(
+                type='CheckpointHook', interval=1, backend_args=dict(backend='atomic_local')
+            )
+        ),
         resume=resume,
         load_from=load_from,
         default_scope='mmdet_deform',

@@ -48,15 +48,18 @@ def test_shipped_config_builds(path):
     model = MODELS.build(cfg.model)
     assert type(model) is DeformableDETR
     assert type(model.bbox_head) is DeformableDETRHead
-    assert model.num_queries == 300
-    assert model.embed_dims == 256 and model.num_feature_levels == 4
-    assert len(model.encoder.layers) == 6 and len(model.decoder.layers) == 6
+    assert model.num_queries == cfg.model.num_queries
+    assert model.embed_dims == cfg.model.encoder.layer_cfg.self_attn_cfg.embed_dims
+    assert model.num_feature_levels == 4
+    num_layers = cfg.model.decoder.num_layers
+    assert len(model.encoder.layers) == cfg.model.encoder.num_layers
+    assert len(model.decoder.layers) == num_layers
     for layer in model.encoder.layers:
         assert type(layer.self_attn) is MultiScaleDeformableAttention
     for layer in model.decoder.layers:
         assert type(layer.cross_attn) is MultiScaleDeformableAttention
     head = model.bbox_head
-    assert len(head.cls_branches) == 6 + int(model.as_two_stage)
+    assert len(head.cls_branches) == num_layers + int(model.as_two_stage)
     shared = head.cls_branches[0] is head.cls_branches[1]
     assert shared == (not model.with_box_refine)
     assert hasattr(model, 'query_embedding') != model.as_two_stage

@@ -1,0 +1,99 @@
+"""Two-stage Deformable DETR with box refinement on the embedded shapes
+dataset, sized for a CPU: 1 machine x 4 images, 4 epochs.
+
+The README's main job (``make demo``) trains this config. It keeps the
+structure of ``two_stage_r50.py`` (4-level multi-scale deformable attention,
+iterative box refinement, two-stage proposals) and shrinks it for a 2-core
+CPU: a half-width ResNet-18 trained from scratch (no pretrained download),
+128-d embeddings, 3 encoder and 3 decoder layers, 100 queries, the 320 px
+images resized to 256 px. These are first-pass hyper-parameters (the
+convergence work tunes them). A smoke run::
+
+    python tools/train.py configs/deformable_detr/two_stage_shapes.py --cfg-options \\
+        train_dataloader.dataset.indices=16 val_dataloader.dataset.indices=8 \\
+        test_dataloader.dataset.indices=8 train_cfg.max_epochs=1
+"""
+
+_base_ = ['./two_stage_r50.py', '../_base_/datasets/shapes.py']
+
+# Data: the shapes dataset instead of r50.py's COCO (see shapes.py for why its
+# keys are prefixed), with the 320 px images resized to 256 px.
+img_scale = (256, 256)
+dataset_type = _base_.shapes_dataset_type
+data_root = _base_.shapes_data_root
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(type='Resize', scale=img_scale, keep_ratio=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=img_scale, keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True),
+    dict(
+        type='PackDetInputs',
+        meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor', 'instances'),
+    ),
+]
+train_dataloader = dict(_delete_=True, **_base_.shapes_train_dataloader)
+train_dataloader['dataset'] = dict(train_dataloader['dataset'], pipeline=train_pipeline)
+val_dataloader = dict(_delete_=True, **_base_.shapes_val_dataloader)
+val_dataloader['dataset'] = dict(val_dataloader['dataset'], pipeline=test_pipeline)
+test_dataloader = dict(_delete_=True, **_base_.shapes_test_dataloader)
+test_dataloader['dataset'] = dict(test_dataloader['dataset'], pipeline=test_pipeline)
+val_evaluator = dict(_delete_=True, **_base_.shapes_val_evaluator)
+test_evaluator = dict(_delete_=True, **_base_.shapes_test_evaluator)
+
+embed_dims = 128
+model = dict(
+    num_queries=100,
+    backbone=dict(  # mmdet ResNet, from scratch
+        _delete_=True,
+        type='ResNet',
+        depth=18,
+        base_channels=32,  # half width: stages of 32/64/128/256 channels
+        num_stages=4,
+        out_indices=(1, 2, 3),
+        frozen_stages=-1,
+        norm_cfg=dict(type='BN', requires_grad=True),
+        norm_eval=False,
+        style='pytorch',
+        init_cfg=None,  # ResNet's own Kaiming/constant init
+    ),
+    neck=dict(in_channels=[64, 128, 256], out_channels=embed_dims),  # mmdet ChannelMapper
+    encoder=dict(  # DeformableDetrTransformerEncoder
+        num_layers=3,
+        layer_cfg=dict(
+            self_attn_cfg=dict(embed_dims=embed_dims),
+            ffn_cfg=dict(embed_dims=embed_dims, feedforward_channels=4 * embed_dims),
+        ),
+    ),
+    decoder=dict(  # DeformableDetrTransformerDecoder
+        num_layers=3,
+        layer_cfg=dict(
+            self_attn_cfg=dict(embed_dims=embed_dims),
+            cross_attn_cfg=dict(embed_dims=embed_dims),
+            ffn_cfg=dict(embed_dims=embed_dims, feedforward_channels=4 * embed_dims),
+        ),
+    ),
+    positional_encoding=dict(num_feats=embed_dims // 2),
+    bbox_head=dict(num_classes=6, embed_dims=embed_dims),
+)
+
+# Schedule: the backbone is trained from scratch, so it gets the full lr.
+max_epochs = 4
+optim_wrapper = dict(paramwise_cfg=dict(custom_keys={'backbone': dict(lr_mult=1.0)}))
+train_cfg = dict(max_epochs=max_epochs, val_interval=1)
+param_scheduler = [
+    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[3], gamma=0.1)
+]
+auto_scale_lr = dict(base_batch_size=4)
+
+default_hooks = dict(
+    logger=dict(interval=10),
+    checkpoint=dict(interval=1, max_keep_ckpts=2),
+)
+log_processor = dict(window_size=10)
+randomness = dict(seed=0)

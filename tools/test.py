@@ -1,0 +1,66 @@
+"""Test (and evaluate) a detector checkpoint with mmengine's Runner.
+
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out results.pkl]
+        [--show-dir DIR] [--show] [--cfg-options KEY=VALUE ...] [--launcher ...]
+
+Evaluates with the config's ``test_evaluator`` (COCO mAP for our configs,
+printed as ``coco/bbox_mAP``). ``--out`` also dumps the predictions to a
+pickle; ``--show-dir`` draws them on the images. Multi-process:
+``tools/dist_test.sh``.
+"""
+
+import argparse
+import os
+from typing import List, Optional
+
+import torch  # noqa: F401  (first: mmdet_deform._C needs libtorch loaded)
+from mmdet.engine.hooks.utils import trigger_visualization_hook
+from mmdet.evaluation import DumpDetResults
+from mmengine.config import DictAction
+
+from mmdet_deform.utils import build_runner, load_config
+from mmdet_deform.utils.launch import LAUNCHERS
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Test (and evaluate) a detector')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--work-dir', help='the dir to save the evaluation metrics')
+    parser.add_argument('--out', help='dump the predictions to this pickle file (.pkl/.pickle)')
+    parser.add_argument('--show', action='store_true', help='show the predictions in a window')
+    parser.add_argument(
+        '--show-dir', help='save images with drawn predictions under work_dir/<time>/SHOW_DIR'
+    )
+    parser.add_argument('--wait-time', type=float, default=2, help='seconds per shown image')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config settings, KEY=VALUE with dotted keys (see tools/train.py)',
+    )
+    parser.add_argument('--launcher', choices=LAUNCHERS, default='none', help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
+        parser.error(f'--out must be a .pkl or .pickle file, got {args.out!r}')
+    if not os.path.isfile(args.checkpoint):
+        parser.error(f'checkpoint not found: {args.checkpoint!r}')
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+    cfg.load_from = args.checkpoint
+    if args.show or args.show_dir:
+        cfg = trigger_visualization_hook(cfg, args)
+    runner = build_runner(cfg)
+    if args.out is not None:
+        runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
+    return runner.test()
+
+
+if __name__ == '__main__':
+    main()
