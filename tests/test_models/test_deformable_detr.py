@@ -8,6 +8,7 @@ import os.path as osp
 import numpy as np
 import pytest
 import torch
+from mmdet.structures import DetDataSample
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
@@ -207,3 +208,14 @@ def test_channels_last_changes_only_the_layout():
     for a, b in zip(ours, ref):
         assert torch.allclose(a.pred_instances.scores, b.pred_instances.scores, atol=1e-5)
         assert torch.allclose(a.pred_instances.bboxes, b.pred_instances.bboxes, atol=1e-2)
+
+
+def test_two_stage_needs_enough_encoder_positions():
+    model = build_small('two_stage')  # 40 queries
+    model.eval()
+    inputs = torch.zeros(1, 3, 32, 32)  # 4x4 + 2x2 + 1x1 + 1x1 = 22 positions
+    sample = DetDataSample(
+        metainfo=dict(img_shape=(32, 32), batch_input_shape=(32, 32), scale_factor=(1.0, 1.0))
+    )
+    with pytest.raises(ValueError, match='num_queries'), torch.no_grad():
+        model.predict(inputs, [sample])

@@ -22,10 +22,11 @@ import os.path as osp
 import statistics
 import time
 import warnings
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from mmdet.structures import DetDataSample
+from mmengine.config import DictAction
 from mmengine.structures import InstanceData
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -33,7 +34,7 @@ OUR_CONFIG = osp.join(REPO_ROOT, 'configs', 'deformable_detr', 'two_stage_r50.py
 MMDET_CONFIG = 'deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_coco.py'
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--config', default=OUR_CONFIG, help='our config')
     parser.add_argument(
@@ -47,9 +48,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--warmup', type=int, default=1, help='untimed iterations per model')
     parser.add_argument('--devices', nargs='+', default=None, help='default: cpu (+ cuda)')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        default={},
+        help='overrides applied to both configs, e.g. model.backbone.depth=18',
+    )
     parser.add_argument('--skip-train', action='store_true', help='time inference only')
     parser.add_argument('--skip-inference', action='store_true', help='time training only')
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    for name in ('batch_size', 'iters'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
+    if args.warmup < 0:
+        parser.error(f'--warmup must be >= 0, got {args.warmup}')
+    return args
 
 
 def build_models(args: argparse.Namespace, device: str):
@@ -67,7 +81,7 @@ def build_models(args: argparse.Namespace, device: str):
     mmdet_config = args.mmdet_config
     if not osp.isfile(mmdet_config):
         mmdet_config = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', mmdet_config)
-    options = {'model.backbone.init_cfg': None}
+    options = {'model.backbone.init_cfg': None, **args.cfg_options}
     models = {}
     wrappers = {}
     for name, path in (('mmdet', mmdet_config), ('ours', args.config)):
@@ -77,7 +91,9 @@ def build_models(args: argparse.Namespace, device: str):
     models['mmdet'].init_weights()
     models['ours'].load_state_dict(models['mmdet'].state_dict(), strict=True)
     for name, path in (('mmdet', mmdet_config), ('ours', args.config)):
-        wrappers[name] = build_optim_wrapper(models[name], Config.fromfile(path).optim_wrapper)
+        cfg = Config.fromfile(path)
+        cfg.merge_from_dict(dict(options))
+        wrappers[name] = build_optim_wrapper(models[name], cfg.optim_wrapper)
     return models, wrappers
 
 
@@ -208,8 +224,9 @@ def run_device(args: argparse.Namespace, device: str) -> List[Row]:
     return rows
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: Optional[List[str]] = None) -> Dict[str, List[Row]]:
+    """Run the benchmark; returns the rows of every device."""
+    args = parse_args(argv)
     warnings.filterwarnings('ignore', message='torch.meshgrid')  # mmdet's encoder
     warnings.filterwarnings('ignore', message='.*checkpoint is None')
     if args.threads is not None:
@@ -240,6 +257,7 @@ def main() -> None:
                 f'| {device} | {what} | {theirs_wall:.2f} | {ours_wall:.2f} | '
                 f'{theirs_wall / ours_wall:.2f}x | {cpu} |'
             )
+    return results
 
 
 if __name__ == '__main__':

@@ -402,7 +402,13 @@ class DeformableDETR(DetectionTransformer):
             (bs, num_feat_points, 4) of all proposals (None in eval mode,
             where only the kept proposals are regressed).
         """
-        bs, _, c = memory.shape
+        bs, num_feat_points, c = memory.shape
+        if num_feat_points < self.num_queries:
+            raise ValueError(
+                f'two-stage selects num_queries ({self.num_queries}) proposals from the '
+                f'{num_feat_points} encoder positions of these images: use larger images or '
+                'fewer queries'
+            )
         proposals, invalid = get_encoder_proposals(memory_mask, spatial_shapes, bs, memory.device)
         output_memory = memory.masked_fill(invalid, 0.0)
         output_memory = self.memory_trans_norm(self.memory_trans_fc(output_memory))
