@@ -17,7 +17,7 @@ from mmdet_deform.models.layers.transformer.deformable_attention import (
     memory_with_validity,
     sample_then_project_attention,
 )
-from mmdet_deform.models.layers.transformer.ffn import FastFFN, dropout
+from mmdet_deform.models.layers.transformer.ffn import FastFFN
 from mmdet_deform.ops import MultiScaleDeformableAttention
 
 LAYER_CFG = dict(
@@ -241,26 +241,63 @@ def test_fast_ffn_equals_mmcv_ffn():
     assert torch.allclose(grad, expected, rtol=0, atol=1e-12)
 
 
-def test_dropout_drops_with_probability_p_and_rescales():
-    torch.manual_seed(0)
-    x = torch.ones(200_000, requires_grad=True)
-    out = dropout(x, 0.3, training=True)
-    kept = out != 0
-    assert abs(kept.float().mean().item() - 0.7) < 0.01
-    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.7))
-    out.backward(torch.ones_like(out))
-    assert torch.equal(x.grad, out.detach())  # d out / d x is the scaled mask
-    assert dropout(x, 0.3, training=False) is x
-    assert dropout(x, 0.0, training=True) is x
-    with pytest.raises(ValueError, match='probability'):
-        dropout(x, 1.5, training=True)
+def test_fast_ffn_dropout_is_its_dropout_modules():
+    """Train mode draws mmcv's masks (same modules, same order); p=0 is off."""
+    from mmcv.cnn.bricks.transformer import FFN
+
+    ours = FastFFN(embed_dims=16, feedforward_channels=32, ffn_drop=0.5).double()
+    theirs = FFN(embed_dims=16, feedforward_channels=32, ffn_drop=0.5).double()
+    theirs.load_state_dict(ours.state_dict())
+    assert [type(m) for m in ours.modules()] == [FastFFN] + [type(m) for m in theirs.modules()][1:]
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    torch.manual_seed(1)
+    out = ours(x)
+    torch.manual_seed(1)
+    assert torch.allclose(out, theirs(x), rtol=0, atol=1e-12)
+    ours.eval()
+    assert not torch.allclose(out, ours(x))  # dropout was active in train mode
+    plain = ours(x)
+    ours.train()
+    for module in ours.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    assert torch.equal(ours(x), plain)
 
 
-def test_dropout_follows_torch_manual_seed():
-    x = torch.ones(1000)
-    masks = []
-    for _ in range(2):
-        torch.manual_seed(123)
-        masks.append(dropout(x, 0.5, training=True))
-    assert torch.equal(masks[0], masks[1])
-    assert not torch.equal(masks[0], dropout(x, 0.5, training=True))
+@pytest.mark.parametrize('path', ['deformable_attention', 'sample_then_project'])
+def test_attention_dropout_is_the_module_dropout(path):
+    attn, query, query_pos, memory, refs, mask = _attention_inputs(2, masked=True)
+    attn.dropout.p = 0.5
+    expanded = expand_reference_points(refs, attn.num_points)
+
+    def ours():
+        if path == 'deformable_attention':
+            return deformable_attention(
+                attn, query, memory, query_pos, mask, expanded, SPATIAL_SHAPES, LEVEL_START
+            )
+        memory_ext = memory_with_validity(memory, mask)
+        return sample_then_project_attention(
+            attn, query, memory_ext, query_pos, expanded, SPATIAL_SHAPES, LEVEL_START
+        )
+
+    def module():
+        return attn(
+            query,
+            value=memory,
+            query_pos=query_pos,
+            key_padding_mask=mask,
+            reference_points=refs,
+            spatial_shapes=SPATIAL_SHAPES,
+            level_start_index=LEVEL_START,
+        )
+
+    torch.manual_seed(3)
+    out = ours()
+    torch.manual_seed(3)
+    assert torch.allclose(out, module(), rtol=0, atol=1e-12)
+    attn.eval()
+    plain = ours()
+    assert not torch.allclose(out, plain)
+    attn.train()
+    attn.dropout.p = 0.0
+    assert torch.allclose(ours(), plain, rtol=0, atol=1e-12)

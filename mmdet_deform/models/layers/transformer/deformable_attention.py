@@ -36,8 +36,6 @@ from torch import Tensor
 
 from mmdet_deform.ops import MultiScaleDeformableAttention, ms_deform_attn
 
-from .ffn import dropout
-
 __all__ = [
     'deformable_attention',
     'expand_reference_points',
@@ -106,12 +104,6 @@ def _sampling_locations(
     return locations.view(bs, num_queries, nh, nl, npts, 2)
 
 
-def _output_dropout(attn: MultiScaleDeformableAttention, output: Tensor) -> Tensor:
-    """The module's output dropout (its ``p`` and train/eval state), with the
-    faster mask of :func:`~.ffn.dropout`."""
-    return dropout(output, attn.dropout.p, attn.dropout.training)
-
-
 def _attention_weights(attn: MultiScaleDeformableAttention, query: Tensor) -> Tensor:
     """Softmax over every level and point of a head: (bs, nq, c) ->
     (bs, nq, nh, nl, np)."""
@@ -168,7 +160,7 @@ def deformable_attention(
         locations.to(value.dtype),
         weights.to(value.dtype),
     )
-    return _output_dropout(attn, attn.output_proj(output)) + identity
+    return attn.dropout(attn.output_proj(output)) + identity
 
 
 def memory_with_validity(memory: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
@@ -241,4 +233,4 @@ def sample_then_project_attention(
     values = torch.einsum('bqhc,hdc->bqhd', sampled[..., :channels], head_weight)
     values = values + sampled[..., channels:] * head_bias
     output = attn.output_proj(values.reshape(bs, num_queries, -1))
-    return _output_dropout(attn, output) + identity
+    return attn.dropout(output) + identity
