@@ -77,6 +77,7 @@ def test_empty_ground_truth(variant):
     cls_names = [name for name in losses if name.endswith('loss_cls')]
     box_names = [name for name in losses if name.endswith(('loss_bbox', 'loss_iou'))]
     assert len(cls_names) == 2 + int(variant == 'two_stage')  # last, d0 (, enc)
+    assert len(box_names) == 2 * len(cls_names)
     for name in cls_names:
         assert losses[name].item() > 0, name
     for name in box_names:
