@@ -11,7 +11,7 @@ _base_ = [
     '../_base_/default_runtime.py',
 ]
 
-model = dict(
+model = dict(  # mmdet_deform DeformableDETR
     type='mmdet_deform.DeformableDETR',
     num_queries=300,
     num_feature_levels=4,
@@ -48,7 +48,7 @@ model = dict(
         num_layers=6,
         layer_cfg=dict(  # DeformableDetrTransformerEncoderLayer
             self_attn_cfg=dict(embed_dims=256, batch_first=True),  # MultiScaleDeformableAttention
-            ffn_cfg=dict(embed_dims=256, feedforward_channels=1024, ffn_drop=0.1),  # mmcv FFN
+            ffn_cfg=dict(embed_dims=256, feedforward_channels=1024, ffn_drop=0.1),  # FastFFN
         ),
     ),
     decoder=dict(  # DeformableDetrTransformerDecoder
@@ -59,12 +59,12 @@ model = dict(
                 embed_dims=256, num_heads=8, dropout=0.1, batch_first=True
             ),
             cross_attn_cfg=dict(embed_dims=256, batch_first=True),  # MultiScaleDeformableAttention
-            ffn_cfg=dict(embed_dims=256, feedforward_channels=1024, ffn_drop=0.1),  # mmcv FFN
+            ffn_cfg=dict(embed_dims=256, feedforward_channels=1024, ffn_drop=0.1),  # FastFFN
         ),
         post_norm_cfg=None,
     ),
     positional_encoding=dict(num_feats=128, normalize=True, offset=-0.5),  # SinePositionalEncoding
-    bbox_head=dict(
+    bbox_head=dict(  # mmdet_deform DeformableDETRHead
         type='mmdet_deform.DeformableDETRHead',
         num_classes=80,
         sync_cls_avg_factor=True,
@@ -74,19 +74,19 @@ model = dict(
         loss_bbox=dict(type='L1Loss', loss_weight=5.0),  # mmdet L1Loss
         loss_iou=dict(type='GIoULoss', loss_weight=2.0),  # mmdet GIoULoss
     ),
-    train_cfg=dict(
+    train_cfg=dict(  # training settings of the head
         # mmdet's HungarianAssigner, safe for non-finite predictions (the
         # NonFiniteCheckHook then skips the step instead of scipy raising)
-        assigner=dict(
+        assigner=dict(  # mmdet_deform SafeHungarianAssigner
             type='mmdet_deform.SafeHungarianAssigner',
             match_costs=[
-                dict(type='FocalLossCost', weight=2.0),
-                dict(type='BBoxL1Cost', weight=5.0, box_format='xywh'),
-                dict(type='IoUCost', iou_mode='giou', weight=2.0),
+                dict(type='FocalLossCost', weight=2.0),  # mmdet FocalLossCost
+                dict(type='BBoxL1Cost', weight=5.0, box_format='xywh'),  # mmdet BBoxL1Cost
+                dict(type='IoUCost', iou_mode='giou', weight=2.0),  # mmdet IoUCost
             ],
         )
     ),
-    test_cfg=dict(max_per_img=100),
+    test_cfg=dict(max_per_img=100),  # testing settings of the head
 )
 
 # mmdet's DETR train pipeline: multi-scale resize, or resize + random crop +

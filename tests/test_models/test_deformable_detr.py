@@ -8,6 +8,7 @@ import os.path as osp
 import numpy as np
 import pytest
 import torch
+from mmdet.structures import DetDataSample
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
@@ -76,6 +77,7 @@ def test_empty_ground_truth(variant):
     cls_names = [name for name in losses if name.endswith('loss_cls')]
     box_names = [name for name in losses if name.endswith(('loss_bbox', 'loss_iou'))]
     assert len(cls_names) == 2 + int(variant == 'two_stage')  # last, d0 (, enc)
+    assert len(box_names) == 2 * len(cls_names)
     for name in cls_names:
         assert losses[name].item() > 0, name
     for name in box_names:
@@ -185,3 +187,36 @@ def test_inference_detector_with_our_config():
     assert result.ori_shape == (200, 300)
     assert (pred.bboxes[:, 0::2] <= 300 + 1e-3).all() and (pred.bboxes[:, 1::2] <= 200 + 1e-3).all()
     assert torch.isfinite(pred.scores).all()
+
+
+def test_channels_last_changes_only_the_layout():
+    """channels_last (the default) keeps the backbone weights in NHWC and
+    gives the same detections as the NCHW model."""
+    model = build_small('refine')
+    conv = model.backbone.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    cfg = small_model_cfg('refine')
+    cfg.channels_last = False
+    nchw = MODELS.build(cfg)
+    nchw.load_state_dict(model.state_dict())
+    assert nchw.backbone.conv1.weight.is_contiguous()
+    inputs, samples = make_batch(num_classes=10, dtype=torch.float32)
+    model.eval()
+    nchw.eval()
+    with torch.no_grad():
+        ours = model.predict(inputs, [s.clone() for s in samples])
+        ref = nchw.predict(inputs, [s.clone() for s in samples])
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a.pred_instances.scores, b.pred_instances.scores, atol=1e-5)
+        assert torch.allclose(a.pred_instances.bboxes, b.pred_instances.bboxes, atol=1e-2)
+
+
+def test_two_stage_needs_enough_encoder_positions():
+    model = build_small('two_stage')  # 40 queries
+    model.eval()
+    inputs = torch.zeros(1, 3, 32, 32)  # 4x4 + 2x2 + 1x1 + 1x1 = 22 positions
+    sample = DetDataSample(
+        metainfo=dict(img_shape=(32, 32), batch_input_shape=(32, 32), scale_factor=(1.0, 1.0))
+    )
+    with pytest.raises(ValueError, match='num_queries'), torch.no_grad():
+        model.predict(inputs, [sample])

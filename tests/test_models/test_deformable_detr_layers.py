@@ -11,6 +11,14 @@ from mmdet_deform.models.layers import (
     get_padding_masks,
     get_valid_ratios,
 )
+from mmdet_deform.models.layers.transformer.deformable_attention import (
+    deformable_attention,
+    expand_reference_points,
+    memory_with_validity,
+    sample_then_project_attention,
+)
+from mmdet_deform.models.layers.transformer.ffn import FastFFN
+from mmdet_deform.ops import MultiScaleDeformableAttention
 
 LAYER_CFG = dict(
     self_attn_cfg=dict(embed_dims=32, num_heads=4, num_levels=2, num_points=2, dropout=0.0),
@@ -128,3 +136,168 @@ def test_encoder_rejects_bad_arguments():
         DeformableDetrTransformerEncoder(num_layers=2, layer_cfg=LAYER_CFG, num_cp=3)
     with pytest.raises(ValueError, match='num_layers'):
         DeformableDetrTransformerEncoder(num_layers=0, layer_cfg=LAYER_CFG)
+
+
+def _attention_inputs(reference_dims: int, masked: bool):
+    """A float64 attention module and inputs over SPATIAL_SHAPES."""
+    torch.manual_seed(0)
+    attn = MultiScaleDeformableAttention(
+        embed_dims=32, num_heads=4, num_levels=2, num_points=2, dropout=0.0, batch_first=True
+    ).double()
+    with torch.no_grad():  # non-trivial offsets and weights
+        for p in attn.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    query = torch.randn(2, 5, 32, dtype=torch.float64)
+    query_pos = torch.randn(2, 5, 32, dtype=torch.float64)
+    memory = torch.randn(2, 30, 32, dtype=torch.float64, requires_grad=True)
+    refs = torch.rand(2, 5, 2, reference_dims, dtype=torch.float64)
+    mask = None
+    if masked:
+        mask = torch.zeros(2, 30, dtype=torch.bool)
+        mask[1].view(-1)[:24].view(4, 6)[:, 4:] = True
+        mask[1].view(-1)[24:].view(2, 3)[:, 2:] = True
+    return attn, query, query_pos, memory, refs, mask
+
+
+@pytest.mark.parametrize('reference_dims', [2, 4])
+@pytest.mark.parametrize('masked', [False, True])
+def test_attention_paths_equal_the_module(reference_dims, masked):
+    """Both of our attention paths give the module's output and gradients."""
+    attn, query, query_pos, memory, refs, mask = _attention_inputs(reference_dims, masked)
+    expected = attn(
+        query,
+        value=memory,
+        query_pos=query_pos,
+        key_padding_mask=mask,
+        reference_points=refs,
+        spatial_shapes=SPATIAL_SHAPES,
+        level_start_index=LEVEL_START,
+    )
+    (expected_grad,) = torch.autograd.grad(expected.sum(), memory)
+    expanded = expand_reference_points(refs, attn.num_points)
+    outputs = {
+        'deformable_attention': deformable_attention(
+            attn, query, memory, query_pos, mask, expanded, SPATIAL_SHAPES, LEVEL_START
+        ),
+        'sample_then_project': sample_then_project_attention(
+            attn,
+            query,
+            memory_with_validity(memory, mask),
+            query_pos,
+            expanded,
+            SPATIAL_SHAPES,
+            LEVEL_START,
+        ),
+    }
+    for name, output in outputs.items():
+        assert torch.allclose(output, expected, rtol=0, atol=1e-12), name
+        (grad,) = torch.autograd.grad(output.sum(), memory)
+        assert torch.allclose(grad, expected_grad, rtol=0, atol=1e-12), name
+
+
+def test_decoder_sample_then_project_changes_nothing():
+    torch.manual_seed(0)
+    layer_cfg = dict(
+        self_attn_cfg=dict(embed_dims=32, num_heads=4, dropout=0.0),
+        cross_attn_cfg=dict(embed_dims=32, num_heads=4, num_levels=2, num_points=2, dropout=0.0),
+        ffn_cfg=dict(embed_dims=32, feedforward_channels=64, ffn_drop=0.0),
+    )
+    fast = DeformableDetrTransformerDecoder(num_layers=2, layer_cfg=layer_cfg).double()
+    plain = DeformableDetrTransformerDecoder(
+        num_layers=2, layer_cfg=layer_cfg, sample_then_project=False
+    ).double()
+    plain.load_state_dict(fast.state_dict())
+    mask = torch.zeros(2, 30, dtype=torch.bool)
+    mask[1, 20:24] = True
+    args = (
+        torch.randn(2, 3, 32, dtype=torch.float64),  # 3 queries x 4 heads < 30 keys
+        torch.randn(2, 3, 32, dtype=torch.float64),
+        torch.randn(2, 30, 32, dtype=torch.float64),
+        mask,
+        torch.rand(2, 3, 4, dtype=torch.float64),
+        SPATIAL_SHAPES,
+        LEVEL_START,
+        torch.rand(2, 2, 2, dtype=torch.float64) * 0.5 + 0.5,
+    )
+    for a, b in zip(fast(*args), plain(*args)):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_fast_ffn_equals_mmcv_ffn():
+    from mmcv.cnn.bricks.transformer import FFN
+
+    torch.manual_seed(0)
+    ours = FastFFN(embed_dims=16, feedforward_channels=32, ffn_drop=0.1).double()
+    theirs = FFN(embed_dims=16, feedforward_channels=32, ffn_drop=0.1).double()
+    theirs.load_state_dict(ours.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    ours.eval()
+    theirs.eval()
+    out = ours(x)
+    assert torch.allclose(out, theirs(x), rtol=0, atol=1e-12)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    (expected,) = torch.autograd.grad(theirs(x).sum(), x)
+    assert torch.allclose(grad, expected, rtol=0, atol=1e-12)
+
+
+def test_fast_ffn_dropout_is_its_dropout_modules():
+    """Train mode draws mmcv's masks (same modules, same order); p=0 is off."""
+    from mmcv.cnn.bricks.transformer import FFN
+
+    ours = FastFFN(embed_dims=16, feedforward_channels=32, ffn_drop=0.5).double()
+    theirs = FFN(embed_dims=16, feedforward_channels=32, ffn_drop=0.5).double()
+    theirs.load_state_dict(ours.state_dict())
+    assert [type(m) for m in ours.modules()] == [FastFFN] + [type(m) for m in theirs.modules()][1:]
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    torch.manual_seed(1)
+    out = ours(x)
+    torch.manual_seed(1)
+    assert torch.allclose(out, theirs(x), rtol=0, atol=1e-12)
+    ours.eval()
+    assert not torch.allclose(out, ours(x))  # dropout was active in train mode
+    plain = ours(x)
+    ours.train()
+    for module in ours.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    assert torch.equal(ours(x), plain)
+
+
+@pytest.mark.parametrize('path', ['deformable_attention', 'sample_then_project'])
+def test_attention_dropout_is_the_module_dropout(path):
+    attn, query, query_pos, memory, refs, mask = _attention_inputs(2, masked=True)
+    attn.dropout.p = 0.5
+    expanded = expand_reference_points(refs, attn.num_points)
+
+    def ours():
+        if path == 'deformable_attention':
+            return deformable_attention(
+                attn, query, memory, query_pos, mask, expanded, SPATIAL_SHAPES, LEVEL_START
+            )
+        memory_ext = memory_with_validity(memory, mask)
+        return sample_then_project_attention(
+            attn, query, memory_ext, query_pos, expanded, SPATIAL_SHAPES, LEVEL_START
+        )
+
+    def module():
+        return attn(
+            query,
+            value=memory,
+            query_pos=query_pos,
+            key_padding_mask=mask,
+            reference_points=refs,
+            spatial_shapes=SPATIAL_SHAPES,
+            level_start_index=LEVEL_START,
+        )
+
+    torch.manual_seed(3)
+    out = ours()
+    torch.manual_seed(3)
+    assert torch.allclose(out, module(), rtol=0, atol=1e-12)
+    attn.eval()
+    plain = ours()
+    assert not torch.allclose(out, plain)
+    attn.train()
+    attn.dropout.p = 0.0
+    assert torch.allclose(ours(), plain, rtol=0, atol=1e-12)

@@ -21,7 +21,9 @@ GRAD_RTOL = 1e-6  # relative to the largest gradient of each parameter
 def test_full_config_state_dict_matches_mmdet(variant, mmdet_config_dir):
     """The shipped r50 configs: same keys in the same order, and mmdet's
     weights load with strict=True (so its released checkpoints do)."""
+    from mmcv.ops import MultiScaleDeformableAttention as MmcvMSDA
     from mmdet.apis import init_detector
+    from mmdet.models.dense_heads import DeformableDETRHead as MmdetHead
     from mmdet.models.detectors import DeformableDETR as MmdetDeformableDETR
 
     from mmdet_deform.models import DeformableDETR
@@ -30,10 +32,20 @@ def test_full_config_state_dict_matches_mmdet(variant, mmdet_config_dir):
     ours = init_detector(ours_path, None, device='cpu', cfg_options=dict(NO_DROPOUT))
     theirs = init_detector(theirs_path, None, device='cpu', cfg_options=dict(NO_DROPOUT))
     assert type(ours) is DeformableDETR
+    # importing ours leaves mmdet's config building mmdet's classes
     assert type(theirs) is MmdetDeformableDETR
+    assert type(theirs.bbox_head) is MmdetHead
+    assert type(theirs.encoder.layers[0].self_attn) is MmcvMSDA
+    assert type(theirs.decoder.layers[0].cross_attn) is MmcvMSDA
     assert isinstance(ours.encoder.layers[0].self_attn, MultiScaleDeformableAttention)
     assert isinstance(ours.decoder.layers[0].cross_attn, MultiScaleDeformableAttention)
+    # level_embed starts as torch.empty (may hold NaN, which torch.equal
+    # never matches): initialise every weight, deterministically
+    torch.manual_seed(0)
+    theirs.init_weights()
     theirs_state = theirs.state_dict()
+    for name, value in theirs_state.items():
+        assert not value.is_floating_point() or torch.isfinite(value).all(), name
     assert list(ours.state_dict()) == list(theirs_state)
     for name, value in ours.state_dict().items():
         assert value.shape == theirs_state[name].shape, name

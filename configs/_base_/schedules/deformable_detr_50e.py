@@ -1,7 +1,8 @@
 # Deformable DETR schedule (paper / mmdet): AdamW 2e-4, 50 epochs, lr x0.1 at 40.
 optim_wrapper = dict(
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=0.0002, weight_decay=0.0001),
+    # fused: one multi-tensor kernel per step instead of ~10 ops per parameter
+    optimizer=dict(type='AdamW', lr=0.0002, weight_decay=0.0001, fused=True),
     clip_grad=dict(max_norm=0.1, norm_type=2),
     paramwise_cfg=dict(
         custom_keys={

@@ -63,6 +63,9 @@ class DeformableDETR(DetectionTransformer):
             top-scoring proposals instead of learnt queries. Defaults to
             False.
         num_feature_levels (int): Number of feature levels. Defaults to 4.
+        channels_last (bool): Run the backbone and neck on channels-last
+            (NHWC) images and weights, the layout oneDNN/cuDNN convolutions
+            prefer (no layout reorder in every convolution). Defaults to True.
         train_cfg (dict, optional): Training config of the head.
         test_cfg (dict, optional): Testing config of the head.
         data_preprocessor (dict, optional): Data preprocessor config.
@@ -81,6 +84,7 @@ class DeformableDETR(DetectionTransformer):
         with_box_refine: bool = False,
         as_two_stage: bool = False,
         num_feature_levels: int = 4,
+        channels_last: bool = True,
         train_cfg: OptConfigType = None,
         test_cfg: OptConfigType = None,
         data_preprocessor: OptConfigType = None,
@@ -109,6 +113,7 @@ class DeformableDETR(DetectionTransformer):
         self.with_box_refine = with_box_refine
         self.as_two_stage = as_two_stage
         self.num_feature_levels = num_feature_levels
+        self.channels_last = channels_last
         super().__init__(
             backbone=backbone,
             neck=neck,
@@ -126,6 +131,11 @@ class DeformableDETR(DetectionTransformer):
     def _init_layers(self) -> None:
         """Build the transformer and the embeddings (everything but the
         backbone, neck and head, built by the base class)."""
+        if self.channels_last:
+            # conv weights too: loading a state dict copies into them, keeping the layout
+            self.backbone.to(memory_format=torch.channels_last)
+            if self.with_neck:
+                self.neck.to(memory_format=torch.channels_last)
         self.positional_encoding = SinePositionalEncoding(**self.positional_encoding)
         self.encoder = DeformableDetrTransformerEncoder(**self.encoder)
         self.decoder = DeformableDetrTransformerDecoder(**self.decoder)
@@ -186,6 +196,20 @@ class DeformableDETR(DetectionTransformer):
         else:
             xavier_init(self.reference_points_fc, distribution='uniform', bias=0.0)
         nn.init.normal_(self.level_embed)
+
+    def extract_feat(self, batch_inputs: Tensor) -> Tuple[Tensor, ...]:
+        """Backbone and neck features.
+
+        Args:
+            batch_inputs (Tensor): Images, has shape (bs, 3, H, W).
+
+        Returns:
+            tuple[Tensor]: Neck outputs, each has shape (bs, dim, h_lvl, w_lvl)
+            (channels-last strides when ``channels_last``).
+        """
+        if self.channels_last:
+            batch_inputs = batch_inputs.contiguous(memory_format=torch.channels_last)
+        return super().extract_feat(batch_inputs)
 
     # ------------------------------------------------------------------
     # the four steps of DetectionTransformer.forward_transformer
@@ -378,7 +402,13 @@ class DeformableDETR(DetectionTransformer):
             (bs, num_feat_points, 4) of all proposals (None in eval mode,
             where only the kept proposals are regressed).
         """
-        bs, _, c = memory.shape
+        bs, num_feat_points, c = memory.shape
+        if num_feat_points < self.num_queries:
+            raise ValueError(
+                f'two-stage selects num_queries ({self.num_queries}) proposals from the '
+                f'{num_feat_points} encoder positions of these images: use larger images or '
+                'fewer queries'
+            )
         proposals, invalid = get_encoder_proposals(memory_mask, spatial_shapes, bs, memory.device)
         output_memory = memory.masked_fill(invalid, 0.0)
         output_memory = self.memory_trans_norm(self.memory_trans_fc(output_memory))

@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 
 import torch
 from mmcv.cnn import build_norm_layer
-from mmcv.cnn.bricks.transformer import FFN, MultiheadAttention
+from mmcv.cnn.bricks.transformer import MultiheadAttention
 from mmdet.models.layers import inverse_sigmoid
 from mmdet.utils import ConfigType, OptConfigType, OptMultiConfig
 from mmengine.model import BaseModule, ModuleList
@@ -30,6 +30,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mmdet_deform.ops import MultiScaleDeformableAttention
+
+from .deformable_attention import (
+    deformable_attention,
+    expand_reference_points,
+    memory_with_validity,
+    sample_then_project_attention,
+)
+from .ffn import FastFFN
 
 __all__ = [
     'DeformableDetrTransformerDecoder',
@@ -76,7 +84,8 @@ class DeformableDetrTransformerEncoderLayer(BaseModule):
         self_attn_cfg (dict, optional): Arguments of
             :class:`~mmdet_deform.ops.MultiScaleDeformableAttention`.
             Defaults to 256 dims, 8 heads, no dropout.
-        ffn_cfg (dict, optional): Arguments of mmcv's ``FFN``. Defaults to
+        ffn_cfg (dict, optional): Arguments of mmcv's ``FFN`` (built as
+            :class:`FastFFN`, same parameters and math). Defaults to
             256 -> 1024 -> 256 with ReLU, no dropout.
         norm_cfg (dict, optional): Config of the two norms. Defaults to
             LayerNorm.
@@ -99,7 +108,7 @@ class DeformableDetrTransformerEncoderLayer(BaseModule):
         self.norm_cfg = norm_cfg
         self.self_attn = MultiScaleDeformableAttention(**self.self_attn_cfg)
         self.embed_dims = self.self_attn.embed_dims
-        self.ffn = FFN(**ffn_cfg)
+        self.ffn = FastFFN(**ffn_cfg)
         self.norms = ModuleList([build_norm_layer(norm_cfg, self.embed_dims)[1] for _ in range(2)])
 
     def forward(
@@ -110,6 +119,7 @@ class DeformableDetrTransformerEncoderLayer(BaseModule):
         reference_points: Tensor,
         spatial_shapes: Tensor,
         level_start_index: Tensor,
+        expanded_references: Optional[Tensor] = None,
     ) -> Tensor:
         """Encode the flattened multi-scale features once.
 
@@ -126,18 +136,27 @@ class DeformableDetrTransformerEncoderLayer(BaseModule):
                 (num_levels, 2).
             level_start_index (Tensor): Start of every level, has shape
                 (num_levels,).
+            expanded_references (Tensor, optional): ``reference_points``
+                expanded by :func:`expand_reference_points` (the encoder
+                computes it once for all layers). Defaults to None (computed
+                here).
 
         Returns:
             Tensor: has shape (bs, num_feat_points, dim).
         """
-        query = self.self_attn(
-            query=query,
-            value=query,
-            query_pos=query_pos,
-            key_padding_mask=key_padding_mask,
-            reference_points=reference_points,
-            spatial_shapes=spatial_shapes,
-            level_start_index=level_start_index,
+        if expanded_references is None:
+            expanded_references = expand_reference_points(
+                reference_points, self.self_attn.num_points
+            )
+        query = deformable_attention(
+            self.self_attn,
+            query,
+            query,
+            query_pos,
+            key_padding_mask,
+            expanded_references,
+            spatial_shapes,
+            level_start_index,
         )
         query = self.norms[0](query)
         query = self.ffn(query)
@@ -155,7 +174,8 @@ class DeformableDetrTransformerDecoderLayer(BaseModule):
         cross_attn_cfg (dict, optional): Arguments of
             :class:`~mmdet_deform.ops.MultiScaleDeformableAttention`.
             Defaults to 256 dims, 8 heads, no dropout.
-        ffn_cfg (dict, optional): Arguments of mmcv's ``FFN``. Defaults to
+        ffn_cfg (dict, optional): Arguments of mmcv's ``FFN`` (built as
+            :class:`FastFFN`, same parameters and math). Defaults to
             256 -> 1024 -> 256 with ReLU, no dropout.
         norm_cfg (dict, optional): Config of the three norms. Defaults to
             LayerNorm.
@@ -182,7 +202,7 @@ class DeformableDetrTransformerDecoderLayer(BaseModule):
         self.self_attn = MultiheadAttention(**self.self_attn_cfg)
         self.cross_attn = MultiScaleDeformableAttention(**self.cross_attn_cfg)
         self.embed_dims = self.self_attn.embed_dims
-        self.ffn = FFN(**ffn_cfg)
+        self.ffn = FastFFN(**ffn_cfg)
         self.norms = ModuleList([build_norm_layer(norm_cfg, self.embed_dims)[1] for _ in range(3)])
 
     def forward(
@@ -195,6 +215,7 @@ class DeformableDetrTransformerDecoderLayer(BaseModule):
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         self_attn_mask: Optional[Tensor] = None,
+        memory_ext: Optional[Tensor] = None,
     ) -> Tensor:
         """Update the queries once.
 
@@ -214,6 +235,11 @@ class DeformableDetrTransformerDecoderLayer(BaseModule):
                 (num_levels,).
             self_attn_mask (Tensor, optional): Mask of the self-attention, as
                 ``attn_mask`` of ``nn.MultiheadAttention``. Defaults to None.
+            memory_ext (Tensor, optional): ``value`` with its validity channel
+                (:func:`memory_with_validity`), has shape
+                (bs, num_feat_points, dim + 1). Given, the cross-attention
+                samples it before projecting (same result, fewer FLOPs when
+                num_queries * num_heads < num_feat_points). Defaults to None.
 
         Returns:
             Tensor: has shape (bs, num_queries, dim).
@@ -227,15 +253,28 @@ class DeformableDetrTransformerDecoderLayer(BaseModule):
             attn_mask=self_attn_mask,
         )
         query = self.norms[0](query)
-        query = self.cross_attn(
-            query=query,
-            value=value,
-            query_pos=query_pos,
-            key_padding_mask=key_padding_mask,
-            reference_points=reference_points,
-            spatial_shapes=spatial_shapes,
-            level_start_index=level_start_index,
-        )
+        expanded_references = expand_reference_points(reference_points, self.cross_attn.num_points)
+        if memory_ext is not None:
+            query = sample_then_project_attention(
+                self.cross_attn,
+                query,
+                memory_ext,
+                query_pos,
+                expanded_references,
+                spatial_shapes,
+                level_start_index,
+            )
+        else:
+            query = deformable_attention(
+                self.cross_attn,
+                query,
+                value,
+                query_pos,
+                key_padding_mask,
+                expanded_references,
+                spatial_shapes,
+                level_start_index,
+            )
         query = self.norms[1](query)
         query = self.ffn(query)
         return self.norms[2](query)
@@ -302,7 +341,16 @@ class DeformableDetrTransformerEncoder(BaseModule):
         Returns:
             Tensor: The memory, has shape (bs, num_feat_points, dim).
         """
-        args = (query_pos, key_padding_mask, reference_points, spatial_shapes, level_start_index)
+        # the same references in every layer: expand them once
+        expanded = expand_reference_points(reference_points, self.layers[0].self_attn.num_points)
+        args = (
+            query_pos,
+            key_padding_mask,
+            reference_points,
+            spatial_shapes,
+            level_start_index,
+            expanded,
+        )
         for i, layer in enumerate(self.layers):
             if i < self.num_cp and self.training and torch.is_grad_enabled():
                 query = checkpoint(layer, query, *args, use_reentrant=False)
@@ -324,6 +372,11 @@ class DeformableDetrTransformerDecoder(BaseModule):
         return_intermediate (bool): Return the queries and references after
             every layer (for the auxiliary losses) rather than only after the
             last. Defaults to True.
+        sample_then_project (bool): When there are fewer (query, head) pairs
+            than memory positions, let the cross-attention sample the memory
+            and project the samples (:mod:`.sample_then_project`) instead of
+            projecting the whole memory in every layer. Same parameters and
+            result. Defaults to True.
         init_cfg (dict, optional): Initialisation config. Defaults to None.
     """
 
@@ -333,6 +386,7 @@ class DeformableDetrTransformerDecoder(BaseModule):
         layer_cfg: ConfigType,
         post_norm_cfg: OptConfigType = None,
         return_intermediate: bool = True,
+        sample_then_project: bool = True,
         init_cfg: OptMultiConfig = None,
     ) -> None:
         super().__init__(init_cfg=init_cfg)
@@ -347,6 +401,7 @@ class DeformableDetrTransformerDecoder(BaseModule):
         self.layer_cfg = layer_cfg
         self.post_norm_cfg = post_norm_cfg
         self.return_intermediate = return_intermediate
+        self.sample_then_project = sample_then_project
         self.layers = ModuleList(
             [DeformableDetrTransformerDecoderLayer(**layer_cfg) for _ in range(num_layers)]
         )
@@ -412,6 +467,11 @@ class DeformableDetrTransformerDecoder(BaseModule):
         # valid (w, h), boxes (cx, cy, w, h) by (w, h, w, h); refined points
         # become boxes
         valid_scales = {2: valid_ratios[:, None], 4: torch.cat([valid_ratios] * 2, -1)[:, None]}
+        # sampling first pays when the queries' samples are fewer than the memory
+        num_heads = self.layers[0].cross_attn.num_heads
+        memory_ext = None
+        if self.sample_then_project and query.shape[1] * num_heads < value.shape[1]:
+            memory_ext = memory_with_validity(value, key_padding_mask)  # shared by all layers
         hidden_states = []
         references = []
         for i, layer in enumerate(self.layers):
@@ -426,6 +486,7 @@ class DeformableDetrTransformerDecoder(BaseModule):
                 reference_points=level_references,
                 spatial_shapes=spatial_shapes,
                 level_start_index=level_start_index,
+                memory_ext=memory_ext,
             )
             if reg_branches is not None:
                 reference_points = self._refine(reference_points, reg_branches[i](query))
