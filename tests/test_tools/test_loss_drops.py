@@ -35,3 +35,23 @@ def test_shapes_config_loss_drops(tmp_path, shapes_root):
     assert last < 0.9 * first, (
         f'loss did not drop: first 5 iterations {first:.3f}, last 5 {last:.3f}'
     )
+
+
+def test_fixed_seed_reproduces_the_losses(tmp_path, shapes_root):
+    """Two runs with the config's fixed seed log the same losses (docs/convergence.md
+    relies on this for run-to-run reproducible mAP)."""
+    runs = []
+    for name in ('a', 'b'):
+        work_dir = str(tmp_path / name)
+        options = smoke_options(shapes_root) + [
+            'train_cfg.max_epochs=2',
+            'train_cfg.val_interval=3',
+            'default_hooks.checkpoint.interval=100',
+        ]
+        proc = run_tool(
+            ['tools/train.py', CONFIG, '--work-dir', work_dir, '--cfg-options', *options]
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs.append(_train_losses(work_dir))
+    assert len(runs[0]) == 8
+    np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5)
