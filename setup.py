@@ -3,7 +3,8 @@
 ``pip install --no-build-isolation -e .`` compiles ``mmdet_deform._C``:
 
 * the C++ CPU kernel of multi-scale deformable attention is always built
-  (``-O3``, ATen's ``at::parallel_for`` for threading);
+  (``-O3``, ATen's ``at::parallel_for`` for threading, hence ``-fopenmp``
+  where torch uses OpenMP);
 * the CUDA kernel is added, with ``-DWITH_CUDA``, when torch has CUDA and
   ``nvcc`` is found, or when ``FORCE_CUDA=1`` (``TORCH_CUDA_ARCH_LIST`` is
   honoured by torch's ``BuildExtension``); ``FORCE_CUDA=0`` disables it;
@@ -13,6 +14,7 @@
 import glob
 import os
 import os.path as osp
+import sys
 
 from setuptools import find_packages, setup
 
@@ -56,15 +58,37 @@ def with_cuda() -> bool:
     return torch.cuda.is_available() and CUDA_HOME is not None
 
 
+def use_openmp() -> bool:
+    """Whether to compile with OpenMP: when torch's own intra-op parallelism is
+    OpenMP (the Linux wheels) and the compiler is GCC or Clang. The extension
+    then links libgomp.so.1, which resolves to the copy torch already loaded."""
+    import torch
+
+    return sys.platform.startswith('linux') and torch.backends.openmp.is_available()
+
+
 def get_extensions() -> list:
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     debug = os.getenv('DEBUG', '0') == '1'
-    sources = sorted(glob.glob(osp.join(CSRC, '*.cpp')) + glob.glob(osp.join(CSRC, 'cpu', '*.cpp')))
+    sources = sorted(
+        glob.glob(osp.join(CSRC, '*.cpp'))
+        + glob.glob(osp.join(CSRC, 'cpu', '*.cpp'))
+        + glob.glob(osp.join(CSRC, 'autocast', '*.cpp'))
+    )
     opt = ['-O0', '-g'] if debug else ['-O3']
     # No -std flag: BuildExtension adds the C++ standard the installed torch
-    # needs (C++17 up to torch 2.13, C++20 from torch 2.14).
-    extra_compile_args = {'cxx': opt + ['-fvisibility=hidden']}
+    # needs (C++17 up to torch 2.13, C++20 from torch 2.14). As torch's own
+    # build: no errno, no FP traps (lets the compiler if-convert and vectorise
+    # the kernels' branch-free loops).
+    extra_compile_args = {
+        'cxx': opt + ['-fvisibility=hidden', '-fno-math-errno', '-fno-trapping-math']
+    }
+    extra_link_args = ['-g'] if debug else []
+    if use_openmp():
+        # at::parallel_for is an inline template: without -fopenmp it runs serially.
+        extra_compile_args['cxx'].append('-fopenmp')
+        extra_link_args.append('-fopenmp')
     define_macros = []
     extension = CppExtension
     if with_cuda():
@@ -90,7 +114,7 @@ def get_extensions() -> list:
             include_dirs=[osp.join(ROOT, CSRC)],
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,
-            extra_link_args=['-g'] if debug else [],
+            extra_link_args=extra_link_args,
         )
     ]
 

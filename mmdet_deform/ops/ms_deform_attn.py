@@ -68,8 +68,16 @@ def ms_deform_attn_pytorch(
             (bs, num_queries, num_heads, num_levels, num_points).
 
     Returns:
-        Tensor: Attended values, has shape (bs, num_queries, num_heads * head_dim).
+        Tensor: Attended values, has shape (bs, num_queries, num_heads * head_dim),
+        in ``value``'s dtype. Float16/bfloat16 inputs are computed in float32
+        (as the kernels accumulate), which also keeps pixel coordinates and
+        gather indices exact on maps wider than 256 pixels.
     """
+    out_dtype = value.dtype
+    compute_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+    value = value.to(compute_dtype)
+    sampling_locations = sampling_locations.to(compute_dtype)
+    attention_weights = attention_weights.to(compute_dtype)
     bs, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     # (bs, num_keys, num_heads, head_dim) -> (bs, num_heads, num_keys, head_dim)
@@ -78,6 +86,8 @@ def ms_deform_attn_pytorch(
     shapes = spatial_shapes.tolist()
     starts = level_start_index.tolist()
     for level, ((h, w), start) in enumerate(zip(shapes, starts)):
+        if h * w == 0:  # an empty map: every point of this level is outside
+            continue
         value_l = value[:, :, start : start + h * w]  # (bs, num_heads, h*w, head_dim)
         # (bs, nq, nh, np, 2) -> (bs, nh, nq*np, 2)
         loc = sampling_locations[:, :, :, level].transpose(1, 2).flatten(2, 3)
@@ -103,7 +113,7 @@ def ms_deform_attn_pytorch(
         output = output + sampled * attn
     # (bs, nh, nq*np, d) -> (bs, nh, nq, np, d) -> (bs, nq, nh, d) -> (bs, nq, nh*d)
     output = output.view(bs, num_heads, num_queries, num_points, head_dim).sum(3)
-    return output.transpose(1, 2).reshape(bs, num_queries, num_heads * head_dim)
+    return output.transpose(1, 2).reshape(bs, num_queries, num_heads * head_dim).to(out_dtype)
 
 
 # --------------------------------------------------------------------------
@@ -120,9 +130,36 @@ def ms_deform_attn(
 
     Same arguments, shapes and result as :func:`ms_deform_attn_pytorch`; the
     float inputs (``value``, ``sampling_locations``, ``attention_weights``)
-    must share one dtype (float32, float64 or bfloat16, plus float16 on CUDA).
-    Differentiable with respect to the three float inputs. Falls back to the
-    reference (with a warning) where ``mmdet_deform._C`` is not built.
+    must share one dtype (float32, float64 or bfloat16, plus float16 on CUDA;
+    bfloat16 accumulates in float32), otherwise a ``TypeError`` is raised.
+    Under ``torch.autocast`` the op runs in float32 (and returns float32)
+    unless all three are bfloat16. Any batch size works; an empty batch or
+    zero queries give an empty result; non-contiguous inputs are made
+    contiguous once. Non-finite sampling locations contribute zero. Every
+    malformed input raises a ``ValueError``/``TypeError``/``RuntimeError``
+    that names the argument.
+
+    The input check shared by the CPU and CUDA kernels copies
+    ``spatial_shapes`` and ``level_start_index`` to the host and validates
+    them there (they decide every memory access of the kernels). For CUDA
+    tensors this small device-to-host copy synchronises the current stream,
+    once in the forward and once in the backward call.
+
+    Differentiable with respect to the three float inputs (the backward is
+    the op ``torch.ops.mmdet_deform._ms_deform_attn_backward``; on the CPU its
+    gradients are bitwise reproducible at a fixed thread count). Falls back
+    to the reference (with a warning) where ``mmdet_deform._C`` is not built.
+
+    Args:
+        value (Tensor): has shape (bs, num_keys, num_heads, head_dim).
+        spatial_shapes (Tensor): int64, has shape (num_levels, 2), (h, w) of
+            every level; ``sum(h * w)`` must be ``num_keys``.
+        level_start_index (Tensor): int64, has shape (num_levels,), the
+            exclusive cumulative sum of ``h * w``.
+        sampling_locations (Tensor): normalised (x, y), has shape
+            (bs, num_queries, num_heads, num_levels, num_points, 2).
+        attention_weights (Tensor): has shape
+            (bs, num_queries, num_heads, num_levels, num_points).
 
     Returns:
         Tensor: has shape (bs, num_queries, num_heads * head_dim).
@@ -165,10 +202,11 @@ if has_extension():
         sampling_locations: Tensor,
         attention_weights: Tensor,
     ) -> Tuple[Tensor, Tensor, Tensor]:
+        # the kernels return contiguous gradients
         return (
-            torch.empty_like(value),
-            torch.empty_like(sampling_locations),
-            torch.empty_like(attention_weights),
+            value.new_empty(value.shape),
+            sampling_locations.new_empty(sampling_locations.shape),
+            attention_weights.new_empty(attention_weights.shape),
         )
 
     def _setup_context(ctx, inputs, output) -> None:
@@ -377,14 +415,13 @@ class MultiScaleDeformableAttention(BaseModule):
                 'reference_points must have 2 or 4 values in its last dimension, got '
                 f'shape {tuple(reference_points.shape)}'
             )
-        # Mixed precision: value follows autocast, locations/weights may not.
-        output = ms_deform_attn(
-            value,
-            spatial_shapes,
-            level_start_index,
-            locations.to(value.dtype),
-            weights.to(value.dtype),
-        )
+        if not torch.is_autocast_enabled(value.device.type):
+            # the op takes one float dtype; under autocast its autocast kernel
+            # decides (float32 unless everything is bf16), and the locations
+            # keep their precision
+            locations = locations.to(value.dtype)
+            weights = weights.to(value.dtype)
+        output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
         output = self.output_proj(output)
         if not self.batch_first:
             # (bs, n, c) -> (n, bs, c)

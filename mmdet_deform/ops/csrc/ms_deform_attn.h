@@ -23,8 +23,10 @@ struct MSDAShape {
 // Validates every input of ms_deform_attn (ranks, matching sizes, dtypes,
 // devices, and that spatial_shapes / level_start_index describe exactly
 // num_keys keys), raising a Python error that names the argument. Returns
-// the sizes. Reads spatial_shapes / level_start_index on the host (a tiny
-// copy for CUDA tensors) so that no kernel can index outside `value`.
+// the sizes. Copies spatial_shapes / level_start_index to the host and
+// checks them there, so that no kernel can index outside `value`: for CUDA
+// tensors this tiny device-to-host copy synchronises the current stream,
+// once per forward and once per backward call.
 MSDAShape check_ms_deform_attn_inputs(
     const at::Tensor& value,
     const at::Tensor& spatial_shapes,

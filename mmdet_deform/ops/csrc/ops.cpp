@@ -115,7 +115,8 @@ MSDAShape check_ms_deform_attn_inputs(
       " levels but sampling_locations has ", s.num_levels);
 
   // The level metadata decides every memory access of the kernels: check it
-  // on the host against num_keys.
+  // on the host against num_keys. On CUDA this copy is a device sync (once
+  // per forward / backward call; documented in ms_deform_attn's docstring).
   const at::Tensor shapes = spatial_shapes.to(at::kCPU).contiguous();
   const at::Tensor starts = level_start_index.to(at::kCPU).contiguous();
   const int64_t* shapes_ptr = shapes.data_ptr<int64_t>();
