@@ -144,7 +144,9 @@ class DeformableDETR(DetectionTransformer):
         if not self.as_two_stage:
             # split into (query_pos, query) in pre_decoder, hence 2 * embed_dims
             self.query_embedding = nn.Embedding(self.num_queries, self.embed_dims * 2)
-        self.level_embed = nn.Parameter(torch.Tensor(self.num_feature_levels, self.embed_dims))
+        # zeros until init_weights() draws it (never uninitialised memory: a model
+        # built without init_weights, e.g. by DetInferencer without weights, stays finite)
+        self.level_embed = nn.Parameter(torch.zeros(self.num_feature_levels, self.embed_dims))
         if self.as_two_stage:
             self.memory_trans_fc = nn.Linear(self.embed_dims, self.embed_dims)
             self.memory_trans_norm = nn.LayerNorm(self.embed_dims)
