@@ -142,10 +142,17 @@ def test_bad_arguments_raise():
 
 def test_registered_in_our_scope_only():
     from mmengine.registry import MODELS as MMENGINE_MODELS
+    from mmengine.registry import DefaultScope
 
     from mmdet_deform.registry import MODELS
 
-    module = MODELS.build(dict(type='MultiScaleDeformableAttention', embed_dims=32, num_heads=4))
+    # the scope our configs set (default_scope='mmdet_deform'); mmengine's
+    # Registry.build looks a bare name up in the current default scope, which
+    # other tests may leave at 'mmdet'
+    with DefaultScope.overwrite_default_scope('mmdet_deform'):
+        module = MODELS.build(
+            dict(type='MultiScaleDeformableAttention', embed_dims=32, num_heads=4)
+        )
     assert type(module) is MultiScaleDeformableAttention
     module = MODELS.build(dict(type='mmdet_deform.MultiScaleDeformableAttention', embed_dims=32))
     assert type(module) is MultiScaleDeformableAttention

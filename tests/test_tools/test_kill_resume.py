@@ -91,9 +91,9 @@ def _assert_same_training(killed: Dict[int, dict], resumed: Dict[int, dict], ite
 
 def test_sigkill_mid_epoch_then_resume_continues_the_run(tmp_path, shapes_root):
     work_dir = str(tmp_path / 'work')
-    options = train_only_options(shapes_root, max_epochs=2) + [
-        'param_scheduler.0.milestones=[1]',  # lr x0.1 from epoch 2: the scheduler must resume
-    ]
+    # the config's warm-up + cosine schedule changes the lr every iteration, so
+    # the lr comparison below checks that the scheduler resumes
+    options = train_only_options(shapes_root, max_epochs=2)
     log1 = str(tmp_path / 'killed.log')
     proc = _start(work_dir, options, log1)
     # the first checkpoint (epoch 1 = iterations 1-4) is written, epoch 2 is under way
@@ -122,7 +122,8 @@ def test_sigkill_mid_epoch_then_resume_continues_the_run(tmp_path, shapes_root):
     # masks as the killed run: the same numbers, not a restart
     _assert_same_training(killed, resumed, [it for it in (5, 6, 7) if it in killed])
     assert resumed[8]['epoch'] == 2
-    assert resumed[8]['lr'] == pytest.approx(0.1 * killed[1]['lr'])  # milestone at epoch 2
+    # the warm-up goes on from where the killed run was, it does not restart
+    assert resumed[5]['lr'] > killed[4]['lr'] > killed[1]['lr']
 
     final = torch.load(osp.join(work_dir, 'epoch_2.pth'), map_location='cpu')
     assert (final['meta']['epoch'], final['meta']['iter']) == (2, 8)

@@ -38,7 +38,7 @@ def test_cfg_options_reach_the_built_model_and_runner(train_tool, tmp_path):
         'optim_wrapper.optimizer.lr=1e-3',
         'model.backbone.out_indices=(1,2,3)',  # a tuple
         'train_dataloader.dataset.pipeline.2.scale=(128,96)',  # an item of a list
-        'param_scheduler.0.milestones=[2,3]',  # a list inside a list item
+        'param_scheduler.1.T_max=3',  # a key of a list item
         'model.encoder.layer_cfg.ffn_cfg.feedforward_channels=64',  # deeply nested
     )
     assert cfg.train_dataloader.dataset.pipeline[2].scale == (128, 96)  # later option wins
@@ -53,7 +53,8 @@ def test_cfg_options_reach_the_built_model_and_runner(train_tool, tmp_path):
     # reference_points at lr_mult 0.1 (paramwise_cfg of the schedule)
     assert lrs == [1e-4, 1e-3]
     scheduler = runner.build_param_scheduler(cfg.param_scheduler)
-    assert list(scheduler[0].milestones) == [2, 3]
+    # the cosine schedule, by epoch, converted to iterations: 16 images / batch 4
+    assert scheduler[1].T_max == 3 * 4
     assert runner.work_dir == str(tmp_path)
 
 
