@@ -57,9 +57,10 @@ class StepTimer:
         self.model = runner.model
         self.model.train()
         self.optim_wrapper = build_optim_wrapper(self.model, cfg.optim_wrapper)
-        loader = iter(runner.build_dataloader(cfg.train_dataloader))
-        self.batches = [next(loader) for _ in range(num_batches)]
-        self.epoch_iters = len(runner.build_dataloader(cfg.train_dataloader))
+        loader = runner.build_dataloader(cfg.train_dataloader)
+        self.epoch_iters = len(loader)
+        batches = iter(loader)
+        self.batches = [next(batches) for _ in range(num_batches)]
         self.times: List[float] = []
 
     def step(self, index: int, record: bool) -> None:
