@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ._extension import has_extension, warn_missing_extension
+from .dropout import Dropout
 
 try:  # mmengine gives the module `init_cfg` support; the op itself needs torch only
     from mmengine.model import BaseModule
@@ -250,7 +251,9 @@ class MultiScaleDeformableAttention(BaseModule):
         num_points (int): Sampling points per head and level. Defaults to 4.
         im2col_step (int): Accepted for compatibility with mmcv and unused:
             the kernels here take any batch size in one launch. Defaults to 64.
-        dropout (float): Dropout on the output before the residual.
+        dropout (float): Dropout on the output before the residual (an
+            ``nn.Dropout`` subclass, :class:`~mmdet_deform.ops.Dropout`,
+            whose CPU masks differ from mmcv's under the same seed).
             Defaults to 0.1.
         batch_first (bool): Whether query/value are (bs, n, c) rather than
             (n, bs, c). Defaults to False.
@@ -293,7 +296,7 @@ class MultiScaleDeformableAttention(BaseModule):
         self.im2col_step = im2col_step
         self.batch_first = batch_first
         self.norm_cfg = norm_cfg
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)  # nn.Dropout with a fast CPU mask
         self.sampling_offsets = nn.Linear(embed_dims, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(embed_dims, num_heads * num_levels * num_points)
         value_proj_size = int(embed_dims * value_proj_ratio)

@@ -242,13 +242,21 @@ def test_fast_ffn_equals_mmcv_ffn():
 
 
 def test_fast_ffn_dropout_is_its_dropout_modules():
-    """Train mode draws mmcv's masks (same modules, same order); p=0 is off."""
+    """The fast path drops out with our ``Dropout`` (an ``nn.Dropout``) at
+    mmcv's positions, in mmcv's order and with its ``p``; p=0 switches it off."""
     from mmcv.cnn.bricks.transformer import FFN
+
+    from mmdet_deform.ops import Dropout
 
     ours = FastFFN(embed_dims=16, feedforward_channels=32, ffn_drop=0.5).double()
     theirs = FFN(embed_dims=16, feedforward_channels=32, ffn_drop=0.5).double()
     theirs.load_state_dict(ours.state_dict())
-    assert [type(m) for m in ours.modules()] == [FastFFN] + [type(m) for m in theirs.modules()][1:]
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    dropouts = [m for m in ours.modules() if isinstance(m, torch.nn.Dropout)]
+    assert [type(m) for m in dropouts] == [Dropout, Dropout]
+    assert [m.p for m in dropouts] == [0.5, 0.5]
+    # mmcv's forward with our dropout modules draws the same masks
+    theirs.layers[0][2], theirs.layers[2] = Dropout(0.5), Dropout(0.5)
     x = torch.randn(2, 7, 16, dtype=torch.float64)
     torch.manual_seed(1)
     out = ours(x)

@@ -1,9 +1,10 @@
-// Schema of the mmdet_deform operators, the input checks shared by every
-// backend, and the Python module entry point of mmdet_deform._C.
+// Schema of the mmdet_deform operators, the input checks of ms_deform_attn
+// shared by every backend, and the Python module entry point of
+// mmdet_deform._C.
 //
 // The kernels are registered per backend with TORCH_LIBRARY_IMPL in their
-// own files; Python (mmdet_deform/ops/ms_deform_attn.py) adds the fake
-// kernels and the autograd formula.
+// own files; Python (mmdet_deform/ops/ms_deform_attn.py, dropout.py) adds
+// the fake kernels and the autograd formulas.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -164,6 +165,10 @@ TORCH_LIBRARY(mmdet_deform, m) {
       "_ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
       "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) "
       "-> (Tensor, Tensor, Tensor)");
+  // Dropout with a counter-based mask (cpu/dropout_cpu.cpp): returns the
+  // output and the bool keep mask; the backward multiplies by mask * scale.
+  m.def("dropout(Tensor input, float p, int seed) -> (Tensor, Tensor)");
+  m.def("_dropout_backward(Tensor grad_output, Tensor mask, float scale) -> Tensor");
 }
 
 // `import mmdet_deform._C` loads this library (running the registrations
