@@ -27,6 +27,10 @@ Sample, then project (decoder)
     projection per decoder layer by a num_queries x num_heads x C x C/heads
     one: worth it when num_queries * num_heads < num_keys (the decoder: 300 x
     8 against ~10^4 positions).
+
+Both run the module's Linear layers through
+:func:`mmdet_deform.models.utils.linear` (a prepacked oneDNN weight in CPU
+float32 inference, the module's own call otherwise).
 """
 
 from typing import Optional
@@ -35,6 +39,8 @@ import torch
 from torch import Tensor
 
 from mmdet_deform.ops import MultiScaleDeformableAttention, ms_deform_attn
+
+from ...utils import linear
 
 __all__ = [
     'deformable_attention',
@@ -84,7 +90,7 @@ def _sampling_locations(
     bs, num_queries, _ = query.shape
     nh, nl, npts = attn.num_heads, attn.num_levels, attn.num_points
     # (bs, nq, nh*nl*np*2) -> (bs, nq, nh, nl*np*2)
-    offsets = attn.sampling_offsets(query).view(bs, num_queries, nh, nl * npts * 2)
+    offsets = linear(query, attn.sampling_offsets).view(bs, num_queries, nh, nl * npts * 2)
     r = expanded_references.shape[-1] // (nl * npts)
     if r == 2:
         # offsets are in pixels of each level: divide by its (w, h)
@@ -109,7 +115,7 @@ def _attention_weights(attn: MultiScaleDeformableAttention, query: Tensor) -> Te
     (bs, nq, nh, nl, np)."""
     bs, num_queries, _ = query.shape
     nh, nl, npts = attn.num_heads, attn.num_levels, attn.num_points
-    weights = attn.attention_weights(query).view(bs, num_queries, nh, nl * npts)
+    weights = linear(query, attn.attention_weights).view(bs, num_queries, nh, nl * npts)
     return weights.softmax(-1).view(bs, num_queries, nh, nl, npts)
 
 
@@ -147,7 +153,7 @@ def deformable_attention(
     if query_pos is not None:
         query = query + query_pos
     bs, num_keys, _ = value.shape
-    value = attn.value_proj(value)
+    value = linear(value, attn.value_proj)
     if key_padding_mask is not None:
         value = value.masked_fill(key_padding_mask[..., None], 0.0)
     value = value.view(bs, num_keys, attn.num_heads, -1)
@@ -160,7 +166,7 @@ def deformable_attention(
         locations.to(value.dtype),
         weights.to(value.dtype),
     )
-    return attn.dropout(attn.output_proj(output)) + identity
+    return attn.dropout(linear(output, attn.output_proj)) + identity
 
 
 def memory_with_validity(memory: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
@@ -232,5 +238,5 @@ def sample_then_project_attention(
     # per head: (bs, nq, c) @ (c, d) + validity * bias -> (bs, nq, nh, d)
     values = torch.einsum('bqhc,hdc->bqhd', sampled[..., :channels], head_weight)
     values = values + sampled[..., channels:] * head_bias
-    output = attn.output_proj(values.reshape(bs, num_queries, -1))
+    output = linear(values.reshape(bs, num_queries, -1), attn.output_proj)
     return attn.dropout(output) + identity

@@ -11,7 +11,9 @@ names, same math) whose forward, for the usual two-layer ReLU network:
   switched off as in mmdet, with ``ffn_drop=0`` or ``eval()``): in CPU
   training they draw their masks ~4x faster than ``nn.Dropout``, which
   matters over the encoder's (tokens, feedforward_channels) activations.
-  The masks differ from mmcv's under the same seed, not their distribution.
+  The masks differ from mmcv's under the same seed, not their distribution;
+* runs its Linear layers through :func:`mmdet_deform.models.utils.linear`
+  (a prepacked oneDNN weight in CPU float32 inference).
 """
 
 from typing import Optional
@@ -21,6 +23,8 @@ from mmcv.cnn.bricks.transformer import FFN
 from torch import Tensor, nn
 
 from mmdet_deform.ops import Dropout
+
+from ...utils import linear
 
 __all__ = ['FastFFN']
 
@@ -61,7 +65,7 @@ class FastFFN(FFN):
         fc2, drop2 = self.layers[1], self.layers[2]
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (..., c) -> (n, c)
-        hidden = F.relu(F.linear(x, fc1.weight, fc1.bias), inplace=True)
-        out = drop2(F.linear(drop1(hidden), fc2.weight, fc2.bias))
+        hidden = F.relu(linear(x, fc1), inplace=True)
+        out = drop2(linear(drop1(hidden), fc2))
         identity = x if identity is None else identity.reshape(-1, shape[-1])
         return (identity + out).view(shape)
