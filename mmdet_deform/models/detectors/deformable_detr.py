@@ -71,7 +71,8 @@ class DeformableDETR(DetectionTransformer):
             the backbone as a cached copy with its eval-mode BatchNorms
             folded into the convolutions
             (:class:`~mmdet_deform.models.utils.FoldedBatchNormCache`; same
-            outputs up to rounding, one pass over every activation less).
+            outputs up to rounding, one pass over every activation less; not
+            under ``torch.compile``).
             The detector's own modules and state dict are unchanged.
             Defaults to True.
         train_cfg (dict, optional): Training config of the head.
@@ -222,7 +223,12 @@ class DeformableDETR(DetectionTransformer):
         """
         if self.channels_last:
             batch_inputs = batch_inputs.contiguous(memory_format=torch.channels_last)
-        if self.fold_bn_in_inference and not self.training and not torch.is_grad_enabled():
+        if (
+            self.fold_bn_in_inference
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()  # (a compiled graph folds by itself)
+        ):
             feats = self._folded_backbone(self.backbone, batch_inputs)
         else:
             feats = self.backbone(batch_inputs)
