@@ -11,14 +11,17 @@ than ATen's float noise) for the backward.
 
 In the order every op file of this package follows:
 
-1. :func:`dropout_pytorch`: the pure-PyTorch reference, reproducing the
-   kernel's mask bit for bit from the same seed;
+1. :func:`dropout_pytorch` (and :func:`relu_dropout_pytorch`): the
+   pure-PyTorch reference, reproducing the kernel's mask bit for bit from
+   the same seed;
 2. :func:`dropout`: the functional form, drawing the seed from a torch
    generator (so ``torch.manual_seed`` makes it reproducible) and calling
    ``torch.ops.mmdet_deform.dropout``;
 3. fake (meta) kernels for ``torch.compile``;
 4. autograd, wiring ``torch.ops.mmdet_deform._dropout_backward``;
-5. :class:`Dropout`, an ``nn.Dropout`` that uses the op where it helps.
+5. :class:`Dropout`, an ``nn.Dropout`` that uses the op where it helps
+   (and ``torch.ops.mmdet_deform.relu_dropout``, ReLU and dropout in one
+   pass, for the FFN's ``dropout(relu(fc1(x)))``).
 
 The masks differ from ``nn.Dropout``'s under the same ``torch.manual_seed``
 (another generator), with the same distribution: every element is kept
@@ -29,11 +32,12 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._extension import has_extension
 
-__all__ = ['Dropout', 'dropout', 'dropout_pytorch']
+__all__ = ['Dropout', 'dropout', 'dropout_pytorch', 'relu_dropout_pytorch']
 
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 _MIX_1 = 0xBF58476D1CE4E5B9
@@ -95,6 +99,12 @@ def dropout_pytorch(input: Tensor, p: float, seed: int) -> Tuple[Tensor, Tensor]
     scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float64).to(compute_dtype)
     factor = torch.where(mask, scale, torch.zeros((), dtype=compute_dtype))
     return (input.to(compute_dtype) * factor).to(input.dtype), mask
+
+
+def relu_dropout_pytorch(input: Tensor, p: float, seed: int) -> Tensor:
+    """``dropout_pytorch(relu(input), p, seed)[0]``: the reference of
+    ``torch.ops.mmdet_deform.relu_dropout`` (bit for bit)."""
+    return dropout_pytorch(torch.relu(input), p, seed)[0]
 
 
 # --------------------------------------------------------------------------
@@ -182,8 +192,47 @@ if has_extension():
             None,
         )
 
+    @torch.library.register_fake('mmdet_deform::relu_dropout')
+    def _relu_dropout_fake(input: Tensor, p: float, seed: int) -> Tensor:
+        return input.new_empty(input.shape)
+
+    @torch.library.register_fake('mmdet_deform::_relu_dropout_backward')
+    def _relu_dropout_backward_fake(grad_output: Tensor, output: Tensor, scale: float) -> Tensor:
+        return grad_output.new_empty(grad_output.shape)
+
+    def _relu_dropout_setup_context(ctx, inputs, output) -> None:
+        _, p, _ = inputs
+        ctx.save_for_backward(output)  # > 0 exactly where kept and input > 0
+        ctx.scale = 1.0 / (1.0 - p)
+
+    def _relu_dropout_backward(ctx, grad_output: Tensor):
+        (output,) = ctx.saved_tensors
+        grad_input = torch.ops.mmdet_deform._relu_dropout_backward(grad_output, output, ctx.scale)
+        return grad_input, None, None
+
+    def _relu_backward_setup_context(ctx, inputs, output) -> None:
+        _, saved_output, scale = inputs
+        ctx.save_for_backward(saved_output)
+        ctx.scale = scale
+
+    def _relu_backward_backward(ctx, grad_grad_input: Tensor):
+        # linear in grad_output; piecewise constant in output (zero derivative)
+        (output,) = ctx.saved_tensors
+        grad = torch.ops.mmdet_deform._relu_dropout_backward(grad_grad_input, output, ctx.scale)
+        return grad, None, None
+
     torch.library.register_autograd(
         'mmdet_deform::dropout', _dropout_backward, setup_context=_dropout_setup_context
+    )
+    torch.library.register_autograd(
+        'mmdet_deform::relu_dropout',
+        _relu_dropout_backward,
+        setup_context=_relu_dropout_setup_context,
+    )
+    torch.library.register_autograd(
+        'mmdet_deform::_relu_dropout_backward',
+        _relu_backward_backward,
+        setup_context=_relu_backward_setup_context,
     )
     torch.library.register_autograd(
         'mmdet_deform::_dropout_backward',
@@ -207,8 +256,9 @@ class Dropout(nn.Dropout):
     distribution.
     """
 
-    def forward(self, input: Tensor) -> Tensor:
-        if (
+    def uses_kernel(self, input: Tensor) -> bool:
+        """Whether a forward on ``input`` runs the counter-based kernel."""
+        return (
             self.training
             and 0.0 < self.p < 1.0
             and not self.inplace
@@ -216,7 +266,24 @@ class Dropout(nn.Dropout):
             and input.is_floating_point()
             and has_extension()
             and not torch.compiler.is_compiling()
-        ):
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.uses_kernel(input):
             output, _ = torch.ops.mmdet_deform.dropout(input, self.p, draw_seed())
             return output
         return super().forward(input)
+
+    def relu_forward(self, input: Tensor, inplace_relu: bool = False) -> Tensor:
+        """``self(relu(input))``.
+
+        Where the kernel applies, ReLU and dropout run as one pass
+        (``torch.ops.mmdet_deform.relu_dropout``) that keeps neither a mask
+        nor the ReLU's input for the backward (it reads the output, which
+        the next layer keeps anyway), with the mask :meth:`forward` would
+        draw. Otherwise ``F.relu`` (in place on ``input`` if
+        ``inplace_relu``) and then :meth:`forward`.
+        """
+        if self.uses_kernel(input):
+            return torch.ops.mmdet_deform.relu_dropout(input, self.p, draw_seed())
+        return self(F.relu(input, inplace=inplace_relu))

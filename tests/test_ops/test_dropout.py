@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.testing import assert_close
 
 from mmdet_deform.ops import Dropout, dropout, dropout_pytorch
-from mmdet_deform.ops.dropout import dropout_mask_pytorch
+from mmdet_deform.ops.dropout import dropout_mask_pytorch, relu_dropout_pytorch
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -174,6 +174,86 @@ def test_module_is_an_nn_dropout_with_its_switches():
     module.train()
     module.p = 0.0
     assert torch.equal(module(x), x)
+
+
+# --------------------------------------------------------------------------
+# relu_dropout: dropout(relu(x)) in one pass
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('numel', [1, 7, 40_001])
+@pytest.mark.parametrize('p', [0.0, 0.1, 0.5])
+def test_relu_dropout_matches_reference_and_the_dropout_mask(dtype, numel, p):
+    seed = numel + 17
+    x = torch.randn(numel, dtype=torch.float64).to(dtype)
+    out = torch.ops.mmdet_deform.relu_dropout(x, p, seed)
+    assert torch.equal(out, relu_dropout_pytorch(x, p, seed))
+    # the same mask as dropout for the same seed
+    assert torch.equal(out, torch.ops.mmdet_deform.dropout(torch.relu(x), p, seed)[0])
+
+
+def test_relu_dropout_keeps_nan_and_zeroes_negatives():
+    x = torch.tensor([float('nan'), -1.0, -0.0, 0.0, 2.0, float('inf'), float('-inf')])
+    out = torch.ops.mmdet_deform.relu_dropout(x, 0.0, 0)
+    assert torch.equal(out.isnan(), torch.relu(x).isnan())
+    assert torch.equal(out[1:], torch.relu(x)[1:])
+
+
+def test_relu_dropout_gradients():
+    """The backward equals that of relu followed by dropout (same mask), and
+    passes gradcheck / gradgradcheck away from the ReLU's kink."""
+    x = torch.randn(6, 301, dtype=torch.float64)
+    x = torch.where(x.abs() < 1e-3, torch.full_like(x, 0.5), x).requires_grad_(True)
+    out = torch.ops.mmdet_deform.relu_dropout(x, 0.3, 9)
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected_out, _ = torch.ops.mmdet_deform.dropout(torch.relu(x_ref), 0.3, 9)
+    (expected,) = torch.autograd.grad(expected_out, x_ref, grad_out)
+    assert torch.equal(grad, expected)
+
+    def fn(t):
+        return torch.ops.mmdet_deform.relu_dropout(t, 0.3, 9)
+
+    small = x.detach()[:2, :20].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(fn, (small,))
+    assert torch.autograd.gradgradcheck(fn, (small,))
+
+
+def test_relu_dropout_opcheck_and_bad_inputs():
+    x = torch.randn(4, 33, requires_grad=True)
+    torch.library.opcheck(torch.ops.mmdet_deform.relu_dropout.default, (x, 0.2, 3))
+    out = torch.ops.mmdet_deform.relu_dropout(x.detach(), 0.2, 3)
+    torch.library.opcheck(
+        torch.ops.mmdet_deform._relu_dropout_backward.default, (torch.randn(4, 33), out, 1.25)
+    )
+    with pytest.raises(ValueError, match='p must be in'):
+        torch.ops.mmdet_deform.relu_dropout(x, 1.0, 0)
+    with pytest.raises(TypeError, match='input must be a floating point tensor'):
+        torch.ops.mmdet_deform.relu_dropout(torch.ones(3, dtype=torch.int64), 0.1, 0)
+    with pytest.raises(ValueError, match='output must have the shape of grad_output'):
+        torch.ops.mmdet_deform._relu_dropout_backward(torch.ones(3), torch.ones(4), 1.0)
+    with pytest.raises(TypeError, match='output must have the dtype of grad_output'):
+        torch.ops.mmdet_deform._relu_dropout_backward(
+            torch.ones(3), torch.ones(3, dtype=torch.float64), 1.0
+        )
+
+
+def test_module_relu_forward():
+    """The fused path draws the mask forward would (same seed), and the
+    fallbacks compute relu then dropout without touching the input unless
+    asked to."""
+    module = Dropout(0.5)
+    x = torch.randn(64, 32)
+    torch.manual_seed(8)
+    fused = module.relu_forward(x)
+    torch.manual_seed(8)
+    assert torch.equal(fused, module(torch.relu(x)))
+    module.eval()
+    original = x.clone()
+    assert torch.equal(module.relu_forward(x), torch.relu(original))
+    assert torch.equal(x, original)  # not in place by default
+    module.relu_forward(x, inplace_relu=True)
+    assert torch.equal(x, torch.relu(original))
 
 
 def test_module_falls_back_to_nn_dropout():

@@ -169,6 +169,10 @@ TORCH_LIBRARY(mmdet_deform, m) {
   // output and the bool keep mask; the backward multiplies by mask * scale.
   m.def("dropout(Tensor input, float p, int seed) -> (Tensor, Tensor)");
   m.def("_dropout_backward(Tensor grad_output, Tensor mask, float scale) -> Tensor");
+  // dropout(relu(input)) in one pass, with the same mask; the backward
+  // needs only the output.
+  m.def("relu_dropout(Tensor input, float p, int seed) -> Tensor");
+  m.def("_relu_dropout_backward(Tensor grad_output, Tensor output, float scale) -> Tensor");
 }
 
 // `import mmdet_deform._C` loads this library (running the registrations

@@ -10,7 +10,9 @@ names, same math) whose forward, for the usual two-layer ReLU network:
   mmcv's ``nn.Dropout`` ones (same positions, same ``p``; dropout is
   switched off as in mmdet, with ``ffn_drop=0`` or ``eval()``): in CPU
   training they draw their masks ~4x faster than ``nn.Dropout``, which
-  matters over the encoder's (tokens, feedforward_channels) activations.
+  matters over the encoder's (tokens, feedforward_channels) activations;
+  the hidden ReLU and dropout run as one pass that keeps no mask
+  (:meth:`~mmdet_deform.ops.Dropout.relu_forward`).
   The masks differ from mmcv's under the same seed, not their distribution;
 * runs its Linear layers through :func:`mmdet_deform.models.utils.linear`
   (a prepacked oneDNN weight in CPU float32 inference).
@@ -18,7 +20,6 @@ names, same math) whose forward, for the usual two-layer ReLU network:
 
 from typing import Optional
 
-import torch.nn.functional as F
 from mmcv.cnn.bricks.transformer import FFN
 from torch import Tensor, nn
 
@@ -65,7 +66,9 @@ class FastFFN(FFN):
         fc2, drop2 = self.layers[1], self.layers[2]
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (..., c) -> (n, c)
-        hidden = F.relu(linear(x, fc1), inplace=True)
-        out = drop2(linear(drop1(hidden), fc2))
+        hidden = linear(x, fc1)
+        # (ReLU + dropout in one pass in CPU training)
+        hidden = drop1.relu_forward(hidden, inplace_relu=True)
+        out = drop2(linear(hidden, fc2))
         identity = x if identity is None else identity.reshape(-1, shape[-1])
         return (identity + out).view(shape)

@@ -1,5 +1,6 @@
-// CPU kernels of the counter-based dropout (mmdet_deform::dropout and
-// mmdet_deform::_dropout_backward).
+// CPU kernels of the counter-based dropout (mmdet_deform::dropout,
+// mmdet_deform::relu_dropout = dropout(relu(x)) in one pass, and their
+// backwards).
 //
 // ATen's CPU dropout draws its mask with bernoulli_, one element at a time
 // from a single Mersenne-Twister stream (~10 ns per element on this
@@ -21,6 +22,8 @@
 //
 // Kept elements are multiplied by 1 / (1 - p) in the op-math type (float
 // for float16/bfloat16), dropped ones by 0, so `out = x * mask * scale`.
+// relu_dropout, for the FFN's `dropout(relu(fc1(x)))`, saves no mask and no
+// ReLU input: its backward passes the gradient where the output is > 0.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -35,6 +38,12 @@
 namespace mmdet_deform {
 
 namespace {
+
+#if defined(__GNUC__) || defined(__clang__)
+#define MSDA_DROPOUT_RESTRICT __restrict__
+#else
+#define MSDA_DROPOUT_RESTRICT
+#endif
 
 constexpr uint64_t kGoldenGamma = 0x9E3779B97F4A7C15ULL;
 // Pairs of elements per block: the keep bits of a block are hashed into a
@@ -68,23 +77,20 @@ void check_input(const at::Tensor& input, const char* op, const char* name) {
       " must be a floating point tensor, got ", input.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor> dropout_cpu(
-    const at::Tensor& input_in, double p, int64_t seed) {
-  check_input(input_in, "mmdet_deform::dropout", "input");
-  check_p(p);
-  const at::Tensor input = input_in.contiguous();
-  at::Tensor output = at::empty(input.sizes(), input.options());
-  at::Tensor mask = at::empty(input.sizes(), input.options().dtype(at::kBool));
+// out = f(x) * (keep ? scale : 0) for f = identity or ReLU (NaN stays NaN,
+// as in torch.relu), writing the keep bits to mask_ptr when it is not null.
+template <bool kRelu>
+void masked_scale_forward(
+    const at::Tensor& input, at::Tensor& output, bool* mask_ptr, double p, int64_t seed) {
   const int64_t numel = input.numel();
   if (numel == 0) {
-    return {output, mask};
+    return;
   }
   // p < 1, so the threshold is at most 2^32 (every element dropped)
   const uint64_t threshold = static_cast<uint64_t>(std::llround(std::ldexp(p, 32)));
   const uint64_t seed_bits = static_cast<uint64_t>(seed);
   const double scale = 1.0 / (1.0 - p);
   const int64_t pairs = (numel + 1) / 2;
-  bool* mask_ptr = mask.mutable_data_ptr<bool>();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, input.scalar_type(), "mmdet_deform_dropout_cpu", [&] {
         using opmath_t = at::opmath_type<scalar_t>;
@@ -92,34 +98,99 @@ std::tuple<at::Tensor, at::Tensor> dropout_cpu(
         const scalar_t* in_ptr = input.const_data_ptr<scalar_t>();
         scalar_t* out_ptr = output.mutable_data_ptr<scalar_t>();
         at::parallel_for(0, pairs, kGrainPairs, [&](int64_t begin, int64_t end) {
+          // the factor (scale or 0) of every element of a block: the hash
+          // loop fills it, then a branch-free float loop applies it
+          opmath_t factor[2 * kBlockPairs];
           for (int64_t block = begin; block < end; block += kBlockPairs) {
             const int64_t block_end = std::min(end, block + kBlockPairs);
             const int64_t first = 2 * block;
-            const int64_t last = std::min(numel, 2 * block_end);
-            bool* keep = mask_ptr + first;
-            if (last == 2 * block_end) {
-              for (int64_t k = block; k < block_end; ++k) {
-                const uint64_t bits = pair_bits(seed_bits, k);
-                keep[2 * (k - block)] = (bits & 0xFFFFFFFFULL) >= threshold;
-                keep[2 * (k - block) + 1] = (bits >> 32) >= threshold;
-              }
-            } else {  // the last pair of an odd numel has one element
-              for (int64_t k = block; k < block_end; ++k) {
-                const uint64_t bits = pair_bits(seed_bits, k);
-                keep[2 * (k - block)] = (bits & 0xFFFFFFFFULL) >= threshold;
-                if (2 * k + 1 < numel) {
-                  keep[2 * (k - block) + 1] = (bits >> 32) >= threshold;
-                }
+            const int64_t count = std::min(numel, 2 * block_end) - first;
+            for (int64_t k = block; k < block_end; ++k) {
+              const uint64_t bits = pair_bits(seed_bits, k);
+              factor[2 * (k - block)] =
+                  (bits & 0xFFFFFFFFULL) >= threshold ? kept_scale : opmath_t(0);
+              factor[2 * (k - block) + 1] = (bits >> 32) >= threshold ? kept_scale : opmath_t(0);
+            }
+            if (mask_ptr != nullptr) {
+              bool* MSDA_DROPOUT_RESTRICT keep = mask_ptr + first;
+              for (int64_t i = 0; i < count; ++i) {
+                keep[i] = factor[i] != opmath_t(0);
               }
             }
-            for (int64_t i = first; i < last; ++i) {
-              const opmath_t factor = mask_ptr[i] ? kept_scale : opmath_t(0);
-              out_ptr[i] = static_cast<scalar_t>(static_cast<opmath_t>(in_ptr[i]) * factor);
+            const scalar_t* MSDA_DROPOUT_RESTRICT in = in_ptr + first;
+            scalar_t* MSDA_DROPOUT_RESTRICT out = out_ptr + first;
+            for (int64_t i = 0; i < count; ++i) {
+              opmath_t value = static_cast<opmath_t>(in[i]);
+              if (kRelu) {
+                // (value < 0 ? 0 : value): NaN stays NaN, as in torch.relu
+                value = value < opmath_t(0) ? opmath_t(0) : value;
+              }
+              out[i] = static_cast<scalar_t>(value * factor[i]);
             }
           }
         });
       });
+}
+
+std::tuple<at::Tensor, at::Tensor> dropout_cpu(
+    const at::Tensor& input_in, double p, int64_t seed) {
+  check_input(input_in, "mmdet_deform::dropout", "input");
+  check_p(p);
+  const at::Tensor input = input_in.contiguous();
+  at::Tensor output = at::empty(input.sizes(), input.options());
+  at::Tensor mask = at::empty(input.sizes(), input.options().dtype(at::kBool));
+  masked_scale_forward<false>(input, output, mask.mutable_data_ptr<bool>(), p, seed);
   return {output, mask};
+}
+
+// relu_dropout keeps no mask: its backward reads the keep-and-positive bits
+// off the output (> 0 exactly where the input was > 0 and kept).
+at::Tensor relu_dropout_cpu(const at::Tensor& input_in, double p, int64_t seed) {
+  check_input(input_in, "mmdet_deform::relu_dropout", "input");
+  check_p(p);
+  const at::Tensor input = input_in.contiguous();
+  at::Tensor output = at::empty(input.sizes(), input.options());
+  masked_scale_forward<true>(input, output, nullptr, p, seed);
+  return output;
+}
+
+at::Tensor relu_dropout_backward_cpu(
+    const at::Tensor& grad_output_in, const at::Tensor& output_in, double scale) {
+  const char* op = "mmdet_deform::_relu_dropout_backward";
+  check_input(grad_output_in, op, "grad_output");
+  check_input(output_in, op, "output");
+  TORCH_CHECK_VALUE(
+      output_in.sizes() == grad_output_in.sizes(), op,
+      ": output must have the shape of grad_output (", grad_output_in.sizes(), "), got ",
+      output_in.sizes());
+  TORCH_CHECK_TYPE(
+      output_in.scalar_type() == grad_output_in.scalar_type(), op,
+      ": output must have the dtype of grad_output (", grad_output_in.scalar_type(), "), got ",
+      output_in.scalar_type());
+  const at::Tensor grad_output = grad_output_in.contiguous();
+  const at::Tensor output = output_in.contiguous();
+  at::Tensor grad_input = at::empty(grad_output.sizes(), grad_output.options());
+  const int64_t numel = grad_output.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, grad_output.scalar_type(), "mmdet_deform_relu_dropout_backward",
+      [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        const opmath_t kept_scale = static_cast<opmath_t>(scale);
+        const scalar_t* grad_ptr = grad_output.const_data_ptr<scalar_t>();
+        const scalar_t* out_ptr = output.const_data_ptr<scalar_t>();
+        scalar_t* in_ptr = grad_input.mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, numel, 2 * kGrainPairs, [&](int64_t begin, int64_t end) {
+          const scalar_t* MSDA_DROPOUT_RESTRICT grad = grad_ptr + begin;
+          const scalar_t* MSDA_DROPOUT_RESTRICT out = out_ptr + begin;
+          scalar_t* MSDA_DROPOUT_RESTRICT result = in_ptr + begin;
+          for (int64_t i = 0; i < end - begin; ++i) {
+            const bool passes = static_cast<opmath_t>(out[i]) > opmath_t(0);
+            const opmath_t factor = static_cast<opmath_t>(passes) * kept_scale;
+            result[i] = static_cast<scalar_t>(static_cast<opmath_t>(grad[i]) * factor);
+          }
+        });
+      });
+  return grad_input;
 }
 
 at::Tensor dropout_backward_cpu(
@@ -148,9 +219,13 @@ at::Tensor dropout_backward_cpu(
         const scalar_t* in_ptr = grad_output.const_data_ptr<scalar_t>();
         scalar_t* out_ptr = grad_input.mutable_data_ptr<scalar_t>();
         at::parallel_for(0, numel, 2 * kGrainPairs, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const opmath_t factor = mask_ptr[i] ? kept_scale : opmath_t(0);
-            out_ptr[i] = static_cast<scalar_t>(static_cast<opmath_t>(in_ptr[i]) * factor);
+          const scalar_t* MSDA_DROPOUT_RESTRICT grad = in_ptr + begin;
+          const bool* MSDA_DROPOUT_RESTRICT keep = mask_ptr + begin;
+          scalar_t* MSDA_DROPOUT_RESTRICT result = out_ptr + begin;
+          for (int64_t i = 0; i < end - begin; ++i) {
+            // (a multiply by 0 or 1 rather than a select: vectorises)
+            const opmath_t factor = static_cast<opmath_t>(keep[i]) * kept_scale;
+            result[i] = static_cast<scalar_t>(static_cast<opmath_t>(grad[i]) * factor);
           }
         });
       });
@@ -162,6 +237,8 @@ at::Tensor dropout_backward_cpu(
 TORCH_LIBRARY_IMPL(mmdet_deform, CPU, m) {
   m.impl("dropout", &dropout_cpu);
   m.impl("_dropout_backward", &dropout_backward_cpu);
+  m.impl("relu_dropout", &relu_dropout_cpu);
+  m.impl("_relu_dropout_backward", &relu_dropout_backward_cpu);
 }
 
 }  // namespace mmdet_deform
