@@ -18,6 +18,7 @@ CUDA_SOURCE = osp.join('mmdet_deform', 'ops', 'csrc', 'cuda', 'ms_deform_attn_cu
 CPU_SOURCES = {
     osp.join('mmdet_deform', 'ops', 'csrc', 'ops.cpp'),
     osp.join('mmdet_deform', 'ops', 'csrc', 'cpu', 'ms_deform_attn_cpu.cpp'),
+    osp.join('mmdet_deform', 'ops', 'csrc', 'cpu', 'dropout_cpu.cpp'),
     osp.join('mmdet_deform', 'ops', 'csrc', 'autocast', 'ms_deform_attn_autocast.cpp'),
 }
 
