@@ -167,31 +167,6 @@ if has_extension():
     def _dropout_backward_fake(grad_output: Tensor, mask: Tensor, scale: float) -> Tensor:
         return grad_output.new_empty(grad_output.shape)
 
-    def _dropout_setup_context(ctx, inputs, output) -> None:
-        _, p, _ = inputs
-        _, mask = output
-        ctx.save_for_backward(mask)
-        ctx.scale = 1.0 / (1.0 - p)
-
-    def _dropout_backward(ctx, grad_output: Tensor, grad_mask: Optional[Tensor]):
-        (mask,) = ctx.saved_tensors
-        grad_input = torch.ops.mmdet_deform._dropout_backward(grad_output, mask, ctx.scale)
-        return grad_input, None, None
-
-    def _backward_setup_context(ctx, inputs, output) -> None:
-        _, mask, scale = inputs
-        ctx.save_for_backward(mask)
-        ctx.scale = scale
-
-    def _backward_backward(ctx, grad_grad_input: Tensor):
-        # the backward is linear in grad_output: its derivative is itself
-        (mask,) = ctx.saved_tensors
-        return (
-            torch.ops.mmdet_deform._dropout_backward(grad_grad_input, mask, ctx.scale),
-            None,
-            None,
-        )
-
     @torch.library.register_fake('mmdet_deform::relu_dropout')
     def _relu_dropout_fake(input: Tensor, p: float, seed: int) -> Tensor:
         return input.new_empty(input.shape)
@@ -200,44 +175,39 @@ if has_extension():
     def _relu_dropout_backward_fake(grad_output: Tensor, output: Tensor, scale: float) -> Tensor:
         return grad_output.new_empty(grad_output.shape)
 
-    def _relu_dropout_setup_context(ctx, inputs, output) -> None:
-        _, p, _ = inputs
-        ctx.save_for_backward(output)  # > 0 exactly where kept and input > 0
-        ctx.scale = 1.0 / (1.0 - p)
+    def _register_gated_autograd(op: str, backward_op: str, saved_of) -> None:
+        """Autograd of a dropout-like ``op(input, p, seed)`` whose gradient
+        is ``backward_op(grad_output, saved, 1 / (1 - p))`` with ``saved =
+        saved_of(output)``, and of ``backward_op`` itself: linear in
+        grad_output and piecewise constant in ``saved``, so its derivative
+        is ``backward_op`` again."""
+        run_backward = getattr(torch.ops.mmdet_deform, backward_op.split('::')[1])
 
-    def _relu_dropout_backward(ctx, grad_output: Tensor):
-        (output,) = ctx.saved_tensors
-        grad_input = torch.ops.mmdet_deform._relu_dropout_backward(grad_output, output, ctx.scale)
-        return grad_input, None, None
+        def setup_context(ctx, inputs, output) -> None:
+            ctx.save_for_backward(saved_of(output))
+            ctx.scale = 1.0 / (1.0 - inputs[1])
 
-    def _relu_backward_setup_context(ctx, inputs, output) -> None:
-        _, saved_output, scale = inputs
-        ctx.save_for_backward(saved_output)
-        ctx.scale = scale
+        def backward(ctx, grad_output: Tensor, *unused_grads):
+            (saved,) = ctx.saved_tensors
+            return run_backward(grad_output, saved, ctx.scale), None, None
 
-    def _relu_backward_backward(ctx, grad_grad_input: Tensor):
-        # linear in grad_output; piecewise constant in output (zero derivative)
-        (output,) = ctx.saved_tensors
-        grad = torch.ops.mmdet_deform._relu_dropout_backward(grad_grad_input, output, ctx.scale)
-        return grad, None, None
+        def backward_setup_context(ctx, inputs, output) -> None:
+            _, saved, scale = inputs
+            ctx.save_for_backward(saved)
+            ctx.scale = scale
 
-    torch.library.register_autograd(
-        'mmdet_deform::dropout', _dropout_backward, setup_context=_dropout_setup_context
-    )
-    torch.library.register_autograd(
-        'mmdet_deform::relu_dropout',
-        _relu_dropout_backward,
-        setup_context=_relu_dropout_setup_context,
-    )
-    torch.library.register_autograd(
-        'mmdet_deform::_relu_dropout_backward',
-        _relu_backward_backward,
-        setup_context=_relu_backward_setup_context,
-    )
-    torch.library.register_autograd(
+        torch.library.register_autograd(op, backward, setup_context=setup_context)
+        torch.library.register_autograd(backward_op, backward, setup_context=backward_setup_context)
+
+    _register_gated_autograd(
+        'mmdet_deform::dropout',
         'mmdet_deform::_dropout_backward',
-        _backward_backward,
-        setup_context=_backward_setup_context,
+        saved_of=lambda output: output[1],  # the keep mask
+    )
+    _register_gated_autograd(
+        'mmdet_deform::relu_dropout',
+        'mmdet_deform::_relu_dropout_backward',
+        saved_of=lambda output: output,  # > 0 exactly where kept and input > 0
     )
 
 

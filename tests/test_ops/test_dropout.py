@@ -145,7 +145,7 @@ def test_bad_inputs_raise_named_errors():
         torch.ops.mmdet_deform.dropout(torch.ones(3, dtype=torch.int64), 0.1, 0)
     with pytest.raises(TypeError, match='input must be a floating point tensor'):
         dropout(torch.ones(3, dtype=torch.int32), 0.1)
-    with pytest.raises(TypeError, match='mask must be bool'):
+    with pytest.raises(TypeError, match='mask must be Bool'):
         torch.ops.mmdet_deform._dropout_backward(torch.ones(3), torch.ones(3), 1.0)
     with pytest.raises(ValueError, match='mask must have the shape of grad_output'):
         torch.ops.mmdet_deform._dropout_backward(
@@ -232,7 +232,7 @@ def test_relu_dropout_opcheck_and_bad_inputs():
         torch.ops.mmdet_deform.relu_dropout(torch.ones(3, dtype=torch.int64), 0.1, 0)
     with pytest.raises(ValueError, match='output must have the shape of grad_output'):
         torch.ops.mmdet_deform._relu_dropout_backward(torch.ones(3), torch.ones(4), 1.0)
-    with pytest.raises(TypeError, match='output must have the dtype of grad_output'):
+    with pytest.raises(TypeError, match=r'output must be Float \(the dtype of grad_output\)'):
         torch.ops.mmdet_deform._relu_dropout_backward(
             torch.ones(3), torch.ones(3, dtype=torch.float64), 1.0
         )

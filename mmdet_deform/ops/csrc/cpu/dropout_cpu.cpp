@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 
 namespace mmdet_deform {
 
@@ -154,37 +155,50 @@ at::Tensor relu_dropout_cpu(const at::Tensor& input_in, double p, int64_t seed) 
   return output;
 }
 
-at::Tensor relu_dropout_backward_cpu(
-    const at::Tensor& grad_output_in, const at::Tensor& output_in, double scale) {
-  const char* op = "mmdet_deform::_relu_dropout_backward";
+// grad_input = grad_output * (gate ? scale : 0), the gate being the saved
+// keep mask (dropout) or output > 0 (relu_dropout, whose output is > 0
+// exactly where the input was > 0 and kept).
+template <bool kGateIsOutput>
+at::Tensor gated_backward(
+    const at::Tensor& grad_output_in, const at::Tensor& gate_in, double scale, const char* op,
+    const char* gate_name) {
   check_input(grad_output_in, op, "grad_output");
-  check_input(output_in, op, "output");
-  TORCH_CHECK_VALUE(
-      output_in.sizes() == grad_output_in.sizes(), op,
-      ": output must have the shape of grad_output (", grad_output_in.sizes(), "), got ",
-      output_in.sizes());
+  TORCH_CHECK(
+      gate_in.device().is_cpu(), op, ": ", gate_name, " must be a CPU tensor, got ",
+      gate_in.device());
+  const at::ScalarType gate_type = kGateIsOutput ? grad_output_in.scalar_type() : at::kBool;
   TORCH_CHECK_TYPE(
-      output_in.scalar_type() == grad_output_in.scalar_type(), op,
-      ": output must have the dtype of grad_output (", grad_output_in.scalar_type(), "), got ",
-      output_in.scalar_type());
+      gate_in.scalar_type() == gate_type, op, ": ", gate_name, " must be ", gate_type,
+      kGateIsOutput ? " (the dtype of grad_output)" : "", ", got ", gate_in.scalar_type());
+  TORCH_CHECK_VALUE(
+      gate_in.sizes() == grad_output_in.sizes(), op, ": ", gate_name,
+      " must have the shape of grad_output (", grad_output_in.sizes(), "), got ",
+      gate_in.sizes());
   const at::Tensor grad_output = grad_output_in.contiguous();
-  const at::Tensor output = output_in.contiguous();
+  const at::Tensor gate = gate_in.contiguous();
   at::Tensor grad_input = at::empty(grad_output.sizes(), grad_output.options());
   const int64_t numel = grad_output.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, grad_output.scalar_type(), "mmdet_deform_relu_dropout_backward",
+      at::kBFloat16, at::kHalf, grad_output.scalar_type(), "mmdet_deform_dropout_backward_cpu",
       [&] {
         using opmath_t = at::opmath_type<scalar_t>;
+        using gate_t = std::conditional_t<kGateIsOutput, scalar_t, bool>;
         const opmath_t kept_scale = static_cast<opmath_t>(scale);
         const scalar_t* grad_ptr = grad_output.const_data_ptr<scalar_t>();
-        const scalar_t* out_ptr = output.const_data_ptr<scalar_t>();
-        scalar_t* in_ptr = grad_input.mutable_data_ptr<scalar_t>();
+        const gate_t* gate_ptr = gate.const_data_ptr<gate_t>();
+        scalar_t* result_ptr = grad_input.mutable_data_ptr<scalar_t>();
         at::parallel_for(0, numel, 2 * kGrainPairs, [&](int64_t begin, int64_t end) {
           const scalar_t* MSDA_DROPOUT_RESTRICT grad = grad_ptr + begin;
-          const scalar_t* MSDA_DROPOUT_RESTRICT out = out_ptr + begin;
-          scalar_t* MSDA_DROPOUT_RESTRICT result = in_ptr + begin;
+          const gate_t* MSDA_DROPOUT_RESTRICT gates = gate_ptr + begin;
+          scalar_t* MSDA_DROPOUT_RESTRICT result = result_ptr + begin;
           for (int64_t i = 0; i < end - begin; ++i) {
-            const bool passes = static_cast<opmath_t>(out[i]) > opmath_t(0);
+            // a multiply by 0 or 1 rather than a select: the loop vectorises
+            bool passes;
+            if constexpr (kGateIsOutput) {
+              passes = static_cast<opmath_t>(gates[i]) > opmath_t(0);
+            } else {
+              passes = gates[i];
+            }
             const opmath_t factor = static_cast<opmath_t>(passes) * kept_scale;
             result[i] = static_cast<scalar_t>(static_cast<opmath_t>(grad[i]) * factor);
           }
@@ -194,42 +208,14 @@ at::Tensor relu_dropout_backward_cpu(
 }
 
 at::Tensor dropout_backward_cpu(
-    const at::Tensor& grad_output_in, const at::Tensor& mask_in, double scale) {
-  check_input(grad_output_in, "mmdet_deform::_dropout_backward", "grad_output");
-  TORCH_CHECK_TYPE(
-      mask_in.scalar_type() == at::kBool,
-      "mmdet_deform::_dropout_backward: mask must be bool, got ", mask_in.scalar_type());
-  TORCH_CHECK_VALUE(
-      mask_in.sizes() == grad_output_in.sizes(),
-      "mmdet_deform::_dropout_backward: mask must have the shape of grad_output (",
-      grad_output_in.sizes(), "), got ", mask_in.sizes());
-  TORCH_CHECK(
-      mask_in.device().is_cpu(),
-      "mmdet_deform::_dropout_backward: mask must be a CPU tensor, got ", mask_in.device());
-  const at::Tensor grad_output = grad_output_in.contiguous();
-  const at::Tensor mask = mask_in.contiguous();
-  at::Tensor grad_input = at::empty(grad_output.sizes(), grad_output.options());
-  const int64_t numel = grad_output.numel();
-  const bool* mask_ptr = mask.const_data_ptr<bool>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, grad_output.scalar_type(), "mmdet_deform_dropout_backward_cpu",
-      [&] {
-        using opmath_t = at::opmath_type<scalar_t>;
-        const opmath_t kept_scale = static_cast<opmath_t>(scale);
-        const scalar_t* in_ptr = grad_output.const_data_ptr<scalar_t>();
-        scalar_t* out_ptr = grad_input.mutable_data_ptr<scalar_t>();
-        at::parallel_for(0, numel, 2 * kGrainPairs, [&](int64_t begin, int64_t end) {
-          const scalar_t* MSDA_DROPOUT_RESTRICT grad = in_ptr + begin;
-          const bool* MSDA_DROPOUT_RESTRICT keep = mask_ptr + begin;
-          scalar_t* MSDA_DROPOUT_RESTRICT result = out_ptr + begin;
-          for (int64_t i = 0; i < end - begin; ++i) {
-            // (a multiply by 0 or 1 rather than a select: vectorises)
-            const opmath_t factor = static_cast<opmath_t>(keep[i]) * kept_scale;
-            result[i] = static_cast<scalar_t>(static_cast<opmath_t>(grad[i]) * factor);
-          }
-        });
-      });
-  return grad_input;
+    const at::Tensor& grad_output, const at::Tensor& mask, double scale) {
+  return gated_backward<false>(grad_output, mask, scale, "mmdet_deform::_dropout_backward", "mask");
+}
+
+at::Tensor relu_dropout_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& output, double scale) {
+  return gated_backward<true>(
+      grad_output, output, scale, "mmdet_deform::_relu_dropout_backward", "output");
 }
 
 }  // namespace
