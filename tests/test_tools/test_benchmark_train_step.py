@@ -44,6 +44,7 @@ def test_benchmark_times_both_models(capsys):
             assert wall > 0 and cpu > 0, what
     out = capsys.readouterr().out
     assert '| cpu | train step (batch 2) |' in out and 'speed-up' in out
+    assert 'minor page faults' in out  # each iteration's kernel share
 
 
 def test_benchmark_rejects_bad_arguments():

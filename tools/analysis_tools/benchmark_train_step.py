@@ -9,7 +9,9 @@ paramwise lr multipliers, gradient clipping). A training step is
 of random images with random boxes; inference is ``test_step`` (preprocess,
 predict, post-process) on one image. The two models run alternately, so a
 change in machine load hits both. Prints the median times and mmdet / ours
-ratios, on the CPU and, when present, on CUDA.
+ratios, on the CPU and, when present, on CUDA. Every iteration's line also
+shows the system time and minor page faults of the step (the allocator's
+share, which differs between a fresh process and one that has trained).
 
 Example::
 
@@ -169,6 +171,19 @@ def inference_timed(model, data: Dict, sync: Callable) -> Dict[str, Tuple[float,
 Row = Tuple[str, Tuple[float, float], Tuple[float, float]]  # what, mmdet, ours (wall, cpu)
 
 
+def kernel_usage() -> Tuple[float, int]:
+    """(system CPU seconds, minor page faults) of this process so far: the
+    kernel's share of a step, which depends on the allocator's state (a
+    fresh large allocation is a new mmap whose pages fault on first touch).
+    (0, 0) where ``resource`` is missing (Windows)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover
+        return 0.0, 0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_stime, usage.ru_minflt
+
+
 def time_alternately(
     models: Dict, step: Callable, args: argparse.Namespace, label: str, device: str
 ) -> List[Row]:
@@ -177,10 +192,13 @@ def time_alternately(
     samples = {name: {} for name in models}
     for it in range(args.warmup + args.iters):
         for name in ('mmdet', 'ours'):  # alternate: load changes hit both
+            before = kernel_usage()
             phases = step(name)
+            system, faults = (b - a for a, b in zip(before, kernel_usage()))
             total = list(phases.values())[-1]
             print(
-                f'  [{device}] {label} {name} it {it}: {total[0]:.2f} s wall, {total[1]:.2f} s cpu',
+                f'  [{device}] {label} {name} it {it}: {total[0]:.2f} s wall, {total[1]:.2f} s cpu '
+                f'({system:.2f} s system, {faults} minor page faults)',
                 flush=True,
             )
             if it >= args.warmup:
