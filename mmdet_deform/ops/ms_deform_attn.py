@@ -104,7 +104,10 @@ def ms_deform_attn_pytorch(
             weight = (1 - (x - xc).abs()) * (1 - (y - yc).abs())
             inside = (xc >= 0) & (xc <= w - 1) & (yc >= 0) & (yc <= h - 1)
             weight = torch.where(inside, weight, torch.zeros_like(weight))
-            index = torch.where(inside, yc * w + xc, torch.zeros_like(xc)).long()
+            # int64 key index: exact on maps of any size (float32 is not past 2**24 keys)
+            xi = torch.where(inside, xc, torch.zeros_like(xc)).long()
+            yi = torch.where(inside, yc, torch.zeros_like(yc)).long()
+            index = yi * w + xi
             gathered = torch.gather(
                 value_l, 2, index[..., None].expand(-1, -1, -1, head_dim)
             )  # (bs, nh, nq*np, head_dim)
@@ -126,6 +129,7 @@ def ms_deform_attn(
     level_start_index: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    im2col_step: Optional[int] = None,
 ) -> Tensor:
     """Multi-scale deformable attention with the compiled kernel.
 
@@ -161,10 +165,18 @@ def ms_deform_attn(
             (bs, num_queries, num_heads, num_levels, num_points, 2).
         attention_weights (Tensor): has shape
             (bs, num_queries, num_heads, num_levels, num_points).
+        im2col_step (int, optional): Accepted so that callers of mmcv's
+            ``MultiScaleDeformableAttnFunction.apply(..., im2col_step)`` can
+            switch over; unused, the kernels take any batch in one launch.
+            Must be a positive int when given.
 
     Returns:
         Tensor: has shape (bs, num_queries, num_heads * head_dim).
     """
+    if im2col_step is not None and (
+        isinstance(im2col_step, bool) or not isinstance(im2col_step, int) or im2col_step < 1
+    ):
+        raise ValueError(f'im2col_step must be a positive int or None, got {im2col_step!r}')
     if not has_extension():
         warn_missing_extension()
         return ms_deform_attn_pytorch(
@@ -244,6 +256,34 @@ class MultiScaleDeformableAttention(BaseModule):
     initialisation and forward semantics, so mmcv checkpoints load with
     ``strict=True`` and give the same output), running on this package's op.
 
+    Two ways to compute the same result, chosen by ``sample_then_project``:
+
+    Project, then sample (default, as mmcv)
+        ``value_proj`` maps every key to ``num_heads`` heads; each head's
+        slice is sampled bilinearly at its sampling locations.
+
+    Sample, then project
+        Sampling and the attention-weighted sum are linear, so for head h
+        with projection (W_h, b_h)::
+
+            sum_k a_k bilinear(W_h v + b_h)(p_k)
+                = W_h [sum_k a_k bilinear(v)(p_k)] + b_h [sum_k a_k bilinear(1)(p_k)]
+
+        where ``v`` is the value with padded keys zeroed and ``1`` the
+        indicator of valid keys (a bilinear corner outside the map or on
+        padding contributes 0 to both sums, as to the original). Sampling the
+        unprojected value, with its validity as one extra channel, once per
+        (query, head) and projecting the samples replaces a
+        num_keys x C x C projection by a num_queries x num_heads x C x C/heads
+        one. It is used when it is cheaper, ``num_queries * num_heads <
+        num_keys`` (a decoder's cross-attention: 300 x 8 queries x heads
+        against ~10^4 keys); otherwise the module projects first.
+
+    Under ``torch.autocast`` the sampling locations and attention weights
+    stay float32 (the op's autocast kernel then runs in float32): rounding
+    locations to bfloat16 would move points by up to a pixel on maps wider
+    than 256 pixels.
+
     Args:
         embed_dims (int): Embedding dimension. Defaults to 256.
         num_heads (int): Number of attention heads. Defaults to 8.
@@ -262,6 +302,9 @@ class MultiScaleDeformableAttention(BaseModule):
         init_cfg (dict, optional): Initialisation config. Defaults to None.
         value_proj_ratio (float): Expansion ratio of ``value_proj``.
             Defaults to 1.0.
+        sample_then_project (bool): Sample the unprojected value and project
+            the samples when that is cheaper (see above). Same parameters
+            and result up to rounding. Defaults to False.
     """
 
     def __init__(
@@ -276,6 +319,7 @@ class MultiScaleDeformableAttention(BaseModule):
         norm_cfg: Optional[dict] = None,
         init_cfg: Optional[dict] = None,
         value_proj_ratio: float = 1.0,
+        sample_then_project: bool = False,
     ) -> None:
         super().__init__(init_cfg)
         if embed_dims % num_heads != 0:
@@ -289,6 +333,12 @@ class MultiScaleDeformableAttention(BaseModule):
                 'kernel vectorises best over power-of-2 head dims.',
                 stacklevel=2,
             )
+        value_proj_size = int(embed_dims * value_proj_ratio)
+        if value_proj_size % num_heads != 0:
+            raise ValueError(
+                f'embed_dims * value_proj_ratio ({value_proj_size}) must be divisible by '
+                f'num_heads ({num_heads})'
+            )
         self.embed_dims = embed_dims
         self.num_heads = num_heads
         self.num_levels = num_levels
@@ -296,10 +346,10 @@ class MultiScaleDeformableAttention(BaseModule):
         self.im2col_step = im2col_step
         self.batch_first = batch_first
         self.norm_cfg = norm_cfg
+        self.sample_then_project = sample_then_project
         self.dropout = Dropout(dropout)  # nn.Dropout with a fast CPU mask
         self.sampling_offsets = nn.Linear(embed_dims, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(embed_dims, num_heads * num_levels * num_points)
-        value_proj_size = int(embed_dims * value_proj_ratio)
         self.value_proj = nn.Linear(embed_dims, value_proj_size)
         self.output_proj = nn.Linear(value_proj_size, embed_dims)
         self.init_weights()
@@ -369,6 +419,11 @@ class MultiScaleDeformableAttention(BaseModule):
         Returns:
             Tensor: Output shaped like ``query``.
         """
+        if reference_points is None or spatial_shapes is None or level_start_index is None:
+            raise ValueError(
+                'MultiScaleDeformableAttention needs reference_points, spatial_shapes '
+                'and level_start_index'
+            )
         if value is None:
             value = query
         if identity is None:
@@ -379,54 +434,160 @@ class MultiScaleDeformableAttention(BaseModule):
             # (n, bs, c) -> (bs, n, c)
             query = query.permute(1, 0, 2)
             value = value.permute(1, 0, 2)
-        if reference_points is None or spatial_shapes is None or level_start_index is None:
-            raise ValueError(
-                'MultiScaleDeformableAttention needs reference_points, spatial_shapes '
-                'and level_start_index'
-            )
-        bs, num_queries, _ = query.shape
-        num_keys = value.shape[1]
-
-        value = self.value_proj(value)
-        if key_padding_mask is not None:
-            value = value.masked_fill(key_padding_mask[..., None], 0.0)
-        value = value.view(bs, num_keys, self.num_heads, -1)
-        offsets = self.sampling_offsets(query).view(
-            bs, num_queries, self.num_heads, self.num_levels, self.num_points, 2
-        )
-        weights = self.attention_weights(query).view(
-            bs, num_queries, self.num_heads, self.num_levels * self.num_points
-        )
-        weights = weights.softmax(-1).view(
-            bs, num_queries, self.num_heads, self.num_levels, self.num_points
-        )
-        if reference_points.shape[-1] == 2:
-            # offsets are in pixels of each level: normalise by (w, h)
-            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
-            locations = (
-                reference_points[:, :, None, :, None, :]
-                + offsets / normalizer[None, None, None, :, None, :]
-            )
-        elif reference_points.shape[-1] == 4:
-            # offsets are relative to the reference box: scale by half its (w, h)
-            locations = (
-                reference_points[:, :, None, :, None, :2]
-                + offsets / self.num_points * reference_points[:, :, None, :, None, 2:] * 0.5
+        locations = self.sampling_locations(query, reference_points, spatial_shapes)
+        weights = self.attention_probs(query)
+        num_queries, num_keys = query.shape[1], value.shape[1]
+        if self.sample_then_project and num_queries * self.num_heads < num_keys:
+            output = self._sample_then_project(
+                value, key_padding_mask, spatial_shapes, level_start_index, locations, weights
             )
         else:
-            raise ValueError(
-                'reference_points must have 2 or 4 values in its last dimension, got '
-                f'shape {tuple(reference_points.shape)}'
+            output = self._project_then_sample(
+                value, key_padding_mask, spatial_shapes, level_start_index, locations, weights
             )
-        if not torch.is_autocast_enabled(value.device.type):
-            # the op takes one float dtype; under autocast its autocast kernel
-            # decides (float32 unless everything is bf16), and the locations
-            # keep their precision
-            locations = locations.to(value.dtype)
-            weights = weights.to(value.dtype)
-        output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
         output = self.output_proj(output)
         if not self.batch_first:
             # (bs, n, c) -> (n, bs, c)
             output = output.permute(1, 0, 2)
         return self.dropout(output) + identity
+
+    def sampling_locations(
+        self, query: Tensor, reference_points: Tensor, spatial_shapes: Tensor
+    ) -> Tensor:
+        """Where every head samples every level: the reference points moved
+        by the offsets predicted from the queries.
+
+        Args:
+            query (Tensor): Queries (+ positions), has shape
+                (bs, num_queries, embed_dims).
+            reference_points (Tensor): Points (x, y), has shape
+                (bs, num_queries, num_levels, 2), whose offsets are in pixels
+                of each level; or boxes (cx, cy, w, h), has shape
+                (bs, num_queries, num_levels, 4), whose offsets are in units
+                of ``num_points`` times half the box size.
+            spatial_shapes (Tensor): (h, w) of every level, has shape
+                (num_levels, 2).
+
+        Returns:
+            Tensor: Normalised (x, y), computed in float32 or wider (also
+            under autocast), has shape
+            (bs, num_queries, num_heads, num_levels, num_points, 2).
+        """
+        bs, num_queries, _ = query.shape
+        nh, nl, npts = self.num_heads, self.num_levels, self.num_points
+        if reference_points.dim() != 4 or reference_points.shape[-1] not in (2, 4):
+            raise ValueError(
+                'reference_points must have shape (bs, num_queries, num_levels, 2 or 4), got '
+                f'{tuple(reference_points.shape)}'
+            )
+        r = reference_points.shape[-1]
+        # Contiguous rows instead of broadcasting small trailing dims:
+        # references (bs, nq, nl, r) -> (bs, nq, 1, nl*np*r), offsets
+        # (bs, nq, nh*nl*np*2) -> (bs, nq, nh, nl*np*2).
+        references = reference_points[:, :, None, :, None, :]
+        references = references.expand(bs, num_queries, 1, nl, npts, r)
+        references = _at_least_float32(references.reshape(bs, num_queries, 1, nl * npts * r))
+        offsets = self.sampling_offsets(query).view(bs, num_queries, nh, nl * npts * 2)
+        offsets = _at_least_float32(offsets)  # (bf16 under autocast)
+        if r == 2:
+            # offsets are in pixels of each level: divide by its (w, h)
+            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
+            normalizer = normalizer[:, None, :].expand(nl, npts, 2).reshape(-1)  # (nl*np*2,)
+            locations = references + offsets / normalizer
+        else:
+            # offsets are relative to the reference box: scale by half its (w, h)
+            boxes = references.view(bs, num_queries, 1, nl * npts, 4)
+            offsets = offsets.view(bs, num_queries, nh, nl * npts, 2)
+            locations = boxes[..., :2] + offsets / npts * boxes[..., 2:] * 0.5
+        return locations.view(bs, num_queries, nh, nl, npts, 2)
+
+    def attention_probs(self, query: Tensor) -> Tensor:
+        """Softmax over every level and point of a head.
+
+        Args:
+            query (Tensor): has shape (bs, num_queries, embed_dims).
+
+        Returns:
+            Tensor: float32 or wider (also under autocast), has shape
+            (bs, num_queries, num_heads, num_levels, num_points).
+        """
+        bs, num_queries, _ = query.shape
+        nh, nl, npts = self.num_heads, self.num_levels, self.num_points
+        weights = self.attention_weights(query).view(bs, num_queries, nh, nl * npts)
+        return _at_least_float32(weights).softmax(-1).view(bs, num_queries, nh, nl, npts)
+
+    def _project_then_sample(
+        self,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor],
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        locations: Tensor,
+        weights: Tensor,
+    ) -> Tensor:
+        """Project every key to the heads, then sample: (bs, nk, c) ->
+        (bs, nq, nh * head_dim)."""
+        bs, num_keys, _ = value.shape
+        value = self.value_proj(value)
+        if key_padding_mask is not None:
+            value = value.masked_fill(key_padding_mask[..., None], 0.0)
+        value = value.view(bs, num_keys, self.num_heads, -1)
+        return ms_deform_attn(
+            value,
+            spatial_shapes,
+            level_start_index,
+            _op_dtype(locations, value),
+            _op_dtype(weights, value),
+        )
+
+    def _sample_then_project(
+        self,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor],
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        locations: Tensor,
+        weights: Tensor,
+    ) -> Tensor:
+        """Sample the unprojected value (with its validity channel), then
+        project each head's samples: (bs, nk, c) -> (bs, nq, nh * head_dim)."""
+        bs, num_queries, nh, nl, npts, _ = locations.shape
+        channels = value.shape[-1]
+        # (bs, nk, c) -> (bs, nk, c + 1): padded keys zeroed, validity appended
+        if key_padding_mask is None:
+            value = torch.cat([value, value.new_ones(value.shape[:-1] + (1,))], -1)
+        else:
+            valid = (~key_padding_mask)[..., None].to(value.dtype)  # (bs, nk, 1)
+            value = torch.cat([value * valid, valid], -1)
+        # every (query, head) pair samples all channels as one head:
+        # (bs, nq, nh, nl, np, 2) -> (bs, nq*nh, 1, nl, np, 2)
+        sampled = ms_deform_attn(
+            value[:, :, None, :],
+            spatial_shapes,
+            level_start_index,
+            _op_dtype(locations, value).reshape(bs, num_queries * nh, 1, nl, npts, 2),
+            _op_dtype(weights, value).reshape(bs, num_queries * nh, 1, nl, npts),
+        )
+        # (bs, nq*nh, c+1) -> (bs, nq, nh, c+1)
+        sampled = sampled.view(bs, num_queries, nh, channels + 1)
+        head_weight = self.value_proj.weight.view(nh, -1, channels)  # (nh, d, c)
+        head_bias = self.value_proj.bias.view(nh, -1)  # (nh, d)
+        # per head: (bs, nq, c) @ (c, d) + validity * bias -> (bs, nq, nh, d)
+        projected = torch.einsum('bqhc,hdc->bqhd', sampled[..., :channels], head_weight)
+        projected = projected + sampled[..., channels:] * head_bias
+        return projected.reshape(bs, num_queries, -1)
+
+
+def _at_least_float32(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32 if its dtype is narrower (float16/bfloat16)."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
+def _op_dtype(tensor: Tensor, value: Tensor) -> Tensor:
+    """``tensor`` in the dtype the op takes for ``value``: ``value``'s dtype
+    outside autocast (the op takes one float dtype), unchanged under autocast,
+    whose kernel casts (float32 unless everything is bfloat16), so that
+    float32 sampling locations and attention weights keep their precision."""
+    if torch.is_autocast_enabled(value.device.type):
+        return tensor
+    return tensor.to(value.dtype)

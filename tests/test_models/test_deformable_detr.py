@@ -4,6 +4,7 @@ mmdet's inference API."""
 
 import glob
 import os.path as osp
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from mmdet.structures import DetDataSample
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmdet_deform.models import DeformableDETR, DeformableDETRHead
 from mmdet_deform.ops import MultiScaleDeformableAttention
@@ -220,3 +222,127 @@ def test_two_stage_needs_enough_encoder_positions():
     )
     with pytest.raises(ValueError, match='num_queries'), torch.no_grad():
         model.predict(inputs, [sample])
+
+
+@pytest.mark.parametrize('variant', list(VARIANTS))
+def test_attention_forward_hooks_fire_in_train_and_eval(variant):
+    """Every layer calls its attention modules, so hooks on them see every
+    call, in training and in inference."""
+    model = build_small(variant)
+    calls = []
+    # in call order: encoder layers, then each decoder layer's two attentions
+    attentions = [layer.self_attn for layer in model.encoder.layers]
+    for layer in model.decoder.layers:
+        attentions += [layer.self_attn, layer.cross_attn]
+    for attn in attentions:
+        attn.register_forward_hook(lambda m, args, out: calls.append(m))
+    inputs, samples = make_batch(num_classes=10, dtype=torch.float32)
+    model.train()
+    model.loss(inputs, [s.clone() for s in samples])
+    assert calls == attentions
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        model.predict(inputs, [s.clone() for s in samples])
+    assert calls == attentions
+
+
+def test_attention_module_is_swappable_from_the_config():
+    """A registered subclass of the attention, named in the config, is what
+    the layers build and call."""
+    from mmdet_deform.models.layers import DeformableDetrTransformerEncoderLayer
+
+    class Recording(MultiScaleDeformableAttention):
+        calls = 0
+
+        def forward(self, *args, **kwargs):
+            Recording.calls += 1
+            return super().forward(*args, **kwargs)
+
+    layer = DeformableDetrTransformerEncoderLayer(
+        self_attn_cfg=dict(embed_dims=32, num_heads=4, num_levels=1, num_points=2, dropout=0.0),
+        ffn_cfg=dict(embed_dims=32, feedforward_channels=64, ffn_drop=0.0),
+    )
+    layer.self_attn = Recording(
+        embed_dims=32, num_heads=4, num_levels=1, num_points=2, dropout=0.0, batch_first=True
+    )
+    query = torch.randn(1, 12, 32)
+    layer(
+        query,
+        torch.zeros_like(query),
+        None,
+        torch.rand(1, 12, 1, 2),
+        torch.tensor([[3, 4]]),
+        torch.tensor([0]),
+    )
+    assert Recording.calls == 1
+
+
+class _MSDACalls(TorchDispatchMode):
+    """Records the dtypes of ``sampling_locations`` and
+    ``attention_weights`` of every ``mmdet_deform::ms_deform_attn`` call as
+    the kernel receives it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name == 'mmdet_deform::ms_deform_attn':
+            self.dtypes.append((args[3].dtype, args[4].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+def _wide_batch():
+    """One image 40 px high and 4160 px wide: its first level is 520 px wide,
+    where a bfloat16 x coordinate is off by up to a pixel."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (40, 4160)
+    inputs = torch.randn(1, 3, *shape, generator=gen)
+    sample = DetDataSample(
+        metainfo=dict(
+            img_shape=shape,
+            ori_shape=shape,
+            scale_factor=(1.0, 1.0),
+            batch_input_shape=shape,
+            pad_shape=shape,
+        )
+    )
+    return inputs, [sample]
+
+
+@pytest.mark.slow
+def test_autocast_keeps_sampling_locations_in_float32(monkeypatch):
+    """Under bf16 autocast every MSDA call of a full detector forward gets
+    float32 locations and weights, and the outputs are closer to float32's
+    than with locations rounded to bfloat16."""
+    msda = sys.modules['mmdet_deform.ops.ms_deform_attn']
+
+    model = build_small('refine')  # learnt queries: outputs comparable query by query
+    with torch.no_grad():  # offsets and weights away from their initial values
+        for module in model.modules():
+            if isinstance(module, MultiScaleDeformableAttention):
+                module.sampling_offsets.weight.normal_(0, 0.05)
+                module.attention_weights.weight.normal_(0, 0.05)
+    model.eval()
+    memories, queries = [], []
+    model.encoder.register_forward_hook(lambda m, a, out: memories.append(out.float()))
+    model.decoder.register_forward_hook(lambda m, a, out: queries.append(out[0].float()))
+    inputs, samples = _wide_batch()
+    with torch.no_grad():
+        model._forward(inputs, samples)
+        recorder = _MSDACalls()
+        with torch.autocast('cpu', dtype=torch.bfloat16), recorder:
+            model._forward(inputs, samples)
+        # the same forward with locations and weights rounded to the value's dtype
+        monkeypatch.setattr(msda, '_op_dtype', lambda tensor, value: tensor.to(value.dtype))
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            model._forward(inputs, samples)
+    num_layers = len(model.encoder.layers) + len(model.decoder.layers)
+    assert recorder.dtypes == [(torch.float32, torch.float32)] * num_layers
+
+    # encoder memory and decoder queries: (float32, autocast, autocast with rounded locations)
+    # (the decoder adds bfloat16 rounding of its own, hence the looser bound)
+    for outputs, bound in ((memories, 0.5), (queries, 0.8)):
+        errors = [(x - outputs[0]).abs().mean().item() for x in outputs[1:]]
+        assert errors[0] < bound * errors[1], errors

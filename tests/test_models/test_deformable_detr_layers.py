@@ -1,5 +1,8 @@
 """The transformer pieces: reference points, proposals, encoder and decoder."""
 
+import copy
+import sys
+
 import pytest
 import torch
 
@@ -10,12 +13,6 @@ from mmdet_deform.models.layers import (
     get_encoder_reference_points,
     get_padding_masks,
     get_valid_ratios,
-)
-from mmdet_deform.models.layers.transformer.deformable_attention import (
-    deformable_attention,
-    expand_reference_points,
-    memory_with_validity,
-    sample_then_project_attention,
 )
 from mmdet_deform.models.layers.transformer.ffn import FastFFN
 from mmdet_deform.ops import MultiScaleDeformableAttention
@@ -161,11 +158,24 @@ def _attention_inputs(reference_dims: int, masked: bool):
 
 @pytest.mark.parametrize('reference_dims', [2, 4])
 @pytest.mark.parametrize('masked', [False, True])
-def test_attention_paths_equal_the_module(reference_dims, masked):
-    """Both of our attention paths give the module's output and gradients."""
+def test_sample_then_project_equals_project_then_sample(reference_dims, masked):
+    """The module's two ways give the same output and gradients."""
     attn, query, query_pos, memory, refs, mask = _attention_inputs(reference_dims, masked)
-    expected = attn(
-        query,
+    sampling_first = MultiScaleDeformableAttention(
+        embed_dims=32,
+        num_heads=4,
+        num_levels=2,
+        num_points=2,
+        dropout=0.0,
+        batch_first=True,
+        sample_then_project=True,
+    ).double()
+    sampling_first.load_state_dict(attn.state_dict())
+    calls = []
+    # 5 queries x 4 heads < 30 keys: the sampled value has one channel more
+    # (the validity of every key) and a single head
+    sampling_first.register_forward_hook(lambda m, a, out: calls.append(out.shape))
+    kwargs = dict(
         value=memory,
         query_pos=query_pos,
         key_padding_mask=mask,
@@ -173,26 +183,27 @@ def test_attention_paths_equal_the_module(reference_dims, masked):
         spatial_shapes=SPATIAL_SHAPES,
         level_start_index=LEVEL_START,
     )
+    msda = sys.modules['mmdet_deform.ops.ms_deform_attn']
+
+    seen = []
+    original = msda.ms_deform_attn
+
+    def spy(value, *args, **kw):
+        seen.append(tuple(value.shape))
+        return original(value, *args, **kw)
+
+    msda.ms_deform_attn = spy
+    try:
+        expected = attn(query, **kwargs)
+        output = sampling_first(query, **kwargs)
+    finally:
+        msda.ms_deform_attn = original
+    assert seen == [(2, 30, 4, 8), (2, 30, 1, 33)]  # projected heads, then raw value + validity
+    assert calls == [(2, 5, 32)]
+    assert torch.allclose(output, expected, rtol=0, atol=1e-12)
     (expected_grad,) = torch.autograd.grad(expected.sum(), memory)
-    expanded = expand_reference_points(refs, attn.num_points)
-    outputs = {
-        'deformable_attention': deformable_attention(
-            attn, query, memory, query_pos, mask, expanded, SPATIAL_SHAPES, LEVEL_START
-        ),
-        'sample_then_project': sample_then_project_attention(
-            attn,
-            query,
-            memory_with_validity(memory, mask),
-            query_pos,
-            expanded,
-            SPATIAL_SHAPES,
-            LEVEL_START,
-        ),
-    }
-    for name, output in outputs.items():
-        assert torch.allclose(output, expected, rtol=0, atol=1e-12), name
-        (grad,) = torch.autograd.grad(output.sum(), memory)
-        assert torch.allclose(grad, expected_grad, rtol=0, atol=1e-12), name
+    (grad,) = torch.autograd.grad(output.sum(), memory)
+    assert torch.allclose(grad, expected_grad, rtol=0, atol=1e-12)
 
 
 def test_decoder_sample_then_project_changes_nothing():
@@ -203,9 +214,10 @@ def test_decoder_sample_then_project_changes_nothing():
         ffn_cfg=dict(embed_dims=32, feedforward_channels=64, ffn_drop=0.0),
     )
     fast = DeformableDetrTransformerDecoder(num_layers=2, layer_cfg=layer_cfg).double()
-    plain = DeformableDetrTransformerDecoder(
-        num_layers=2, layer_cfg=layer_cfg, sample_then_project=False
-    ).double()
+    assert all(layer.cross_attn.sample_then_project for layer in fast.layers)
+    plain_cfg = copy.deepcopy(layer_cfg)
+    plain_cfg['cross_attn_cfg']['sample_then_project'] = False
+    plain = DeformableDetrTransformerDecoder(num_layers=2, layer_cfg=plain_cfg).double()
     plain.load_state_dict(fast.state_dict())
     mask = torch.zeros(2, 30, dtype=torch.bool)
     mask[1, 20:24] = True
@@ -272,23 +284,15 @@ def test_fast_ffn_dropout_is_its_dropout_modules():
     assert torch.equal(ours(x), plain)
 
 
-@pytest.mark.parametrize('path', ['deformable_attention', 'sample_then_project'])
-def test_attention_dropout_is_the_module_dropout(path):
+@pytest.mark.parametrize('sample_then_project', [False, True])
+def test_attention_dropout_is_the_module_dropout(sample_then_project):
+    """Dropout on the output, before the residual, with the module's own
+    ``dropout`` (same mask under the same seed in both ways)."""
     attn, query, query_pos, memory, refs, mask = _attention_inputs(2, masked=True)
+    attn.sample_then_project = sample_then_project
     attn.dropout.p = 0.5
-    expanded = expand_reference_points(refs, attn.num_points)
 
-    def ours():
-        if path == 'deformable_attention':
-            return deformable_attention(
-                attn, query, memory, query_pos, mask, expanded, SPATIAL_SHAPES, LEVEL_START
-            )
-        memory_ext = memory_with_validity(memory, mask)
-        return sample_then_project_attention(
-            attn, query, memory_ext, query_pos, expanded, SPATIAL_SHAPES, LEVEL_START
-        )
-
-    def module():
+    def run():
         return attn(
             query,
             value=memory,
@@ -299,13 +303,18 @@ def test_attention_dropout_is_the_module_dropout(path):
             level_start_index=LEVEL_START,
         )
 
-    torch.manual_seed(3)
-    out = ours()
-    torch.manual_seed(3)
-    assert torch.allclose(out, module(), rtol=0, atol=1e-12)
     attn.eval()
-    plain = ours()
-    assert not torch.allclose(out, plain)
+    plain = run()
     attn.train()
+    torch.manual_seed(3)
+    out = run()
+    assert not torch.allclose(out, plain)
+    # the residual (the query) is added after the dropout: where the mask
+    # dropped an element, the output is the query itself
+    dropped = torch.isclose(out, query, rtol=0, atol=1e-12)
+    assert dropped.any() and not dropped.all()
+    torch.manual_seed(3)
+    expected = attn.dropout(plain - query) + query
+    assert torch.allclose(out, expected, rtol=0, atol=1e-12)
     attn.dropout.p = 0.0
-    assert torch.allclose(ours(), plain, rtol=0, atol=1e-12)
+    assert torch.allclose(run(), plain, rtol=0, atol=1e-12)

@@ -99,6 +99,37 @@ def test_reference_low_precision_on_a_wide_map():
     assert_close(out.double(), exact, rtol=1.6e-2, atol=1e-2)
 
 
+def test_reference_gathers_the_right_key_past_2_to_the_24():
+    """Gather indices are int64: on a map of more than 2**24 keys a float32
+    index would round an odd key to its even neighbour."""
+    h = w = 4100  # 16,810,000 keys
+    key = 2**24 + 2 * w + 41  # odd, past 2**24
+    yc, xc = divmod(key, w)
+    value = torch.zeros(1, h * w, 1, 1)
+    value[0, key] = 1.0
+    shapes = torch.tensor([[h, w]])
+    starts = torch.tensor([0])
+    # the centre of the key's pixel (float64 locations, rounded by the reference to float32)
+    loc = torch.tensor([(xc + 0.5) / w, (yc + 0.5) / h], dtype=torch.float64)
+    loc = loc.view(1, 1, 1, 1, 1, 2).float()
+    weights = torch.ones(1, 1, 1, 1, 1)
+    out = ms_deform_attn_pytorch(value, shapes, starts, loc, weights)
+    assert out.item() > 0.99
+
+
+def test_im2col_step_is_accepted_for_mmcv_callers():
+    """mmcv's ``MultiScaleDeformableAttnFunction.apply(..., im2col_step)``
+    passes im2col_step last; the wrapper accepts it (any batch runs in one
+    launch) and rejects nonsense."""
+    inputs = make_inputs(bs=2, num_levels=2, num_heads=2, head_dim=4, num_points=2)
+    expected = ms_deform_attn(*inputs)
+    assert torch.equal(ms_deform_attn(*inputs, 64), expected)
+    assert torch.equal(ms_deform_attn(*inputs, im2col_step=1), expected)
+    for bad in (0, -1, 2.0, True, '64'):
+        with pytest.raises(ValueError, match='im2col_step'):
+            ms_deform_attn(*inputs, im2col_step=bad)
+
+
 def test_mixed_float_dtypes_raise_type_error():
     value, shapes, starts, loc, weights = make_inputs(dtype=torch.float32)
     with pytest.raises(TypeError, match='sampling_locations must have the dtype of value'):

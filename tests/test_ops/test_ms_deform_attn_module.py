@@ -134,8 +134,10 @@ def test_bad_arguments_raise():
     _, ours = make_pair()
     inputs = make_inputs(2, batch_first=False, self_attention=False)
     bad = dict(inputs, reference_points=inputs['reference_points'][..., :1].repeat(1, 1, 1, 3))
-    with pytest.raises(ValueError, match='reference_points must have 2 or 4 values'):
+    with pytest.raises(ValueError, match=r'reference_points must have shape .*2 or 4'):
         ours(**bad)
+    with pytest.raises(ValueError, match='value_proj_ratio'):
+        MultiScaleDeformableAttention(embed_dims=32, num_heads=8, value_proj_ratio=0.5625)
     with pytest.raises(ValueError, match='needs reference_points'):
         ours(**dict(inputs, reference_points=None))
 

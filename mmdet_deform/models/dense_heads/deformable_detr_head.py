@@ -23,7 +23,6 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from mmdet.models.layers import inverse_sigmoid
 from mmdet.registry import TASK_UTILS
 from mmdet.structures import SampleList
 from mmdet.structures.bbox import bbox_cxcywh_to_xyxy, bbox_xyxy_to_cxcywh
@@ -33,6 +32,8 @@ from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
 from mmdet_deform.registry import MODELS
+
+from ..layers.transformer import apply_box_deltas
 
 __all__ = ['DeformableDETRHead']
 
@@ -193,15 +194,7 @@ class DeformableDETRHead(BaseModule):
     def _forward_layer(self, index: int, query: Tensor, reference: Tensor) -> Tuple[Tensor, Tensor]:
         """Logits (bs, nq, cls_out_channels) and boxes (bs, nq, 4) of one layer
         from its queries (bs, nq, dim) and input references (bs, nq, 2 or 4)."""
-        deltas = self.reg_branches[index](query)
-        reference = inverse_sigmoid(reference)
-        if reference.shape[-1] == 4:
-            boxes = deltas + reference
-        elif reference.shape[-1] == 2:
-            # a point reference only moves the centre
-            boxes = torch.cat([deltas[..., :2] + reference, deltas[..., 2:]], -1)
-        else:
-            raise ValueError(f'references must end in 2 or 4, got shape {tuple(reference.shape)}')
+        boxes = apply_box_deltas(reference, self.reg_branches[index](query))
         return self.cls_branches[index](query), boxes.sigmoid()
 
     # ------------------------------------------------------------------

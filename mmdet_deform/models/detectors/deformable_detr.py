@@ -36,7 +36,6 @@ from ..layers.transformer import (
     get_proposal_pos_embed,
     get_valid_ratios,
 )
-from ..utils import FoldedBatchNormCache
 
 __all__ = ['DeformableDETR']
 
@@ -67,14 +66,6 @@ class DeformableDETR(DetectionTransformer):
         channels_last (bool): Run the backbone and neck on channels-last
             (NHWC) images and weights, the layout oneDNN/cuDNN convolutions
             prefer (no layout reorder in every convolution). Defaults to True.
-        fold_bn_in_inference (bool): In eval mode without gradients, run
-            the backbone as a cached copy with its eval-mode BatchNorms
-            folded into the convolutions
-            (:class:`~mmdet_deform.models.utils.FoldedBatchNormCache`; same
-            outputs up to rounding, one pass over every activation less; not
-            under ``torch.compile``).
-            The detector's own modules and state dict are unchanged.
-            Defaults to True.
         train_cfg (dict, optional): Training config of the head.
         test_cfg (dict, optional): Testing config of the head.
         data_preprocessor (dict, optional): Data preprocessor config.
@@ -94,7 +85,6 @@ class DeformableDETR(DetectionTransformer):
         as_two_stage: bool = False,
         num_feature_levels: int = 4,
         channels_last: bool = True,
-        fold_bn_in_inference: bool = True,
         train_cfg: OptConfigType = None,
         test_cfg: OptConfigType = None,
         data_preprocessor: OptConfigType = None,
@@ -124,8 +114,6 @@ class DeformableDETR(DetectionTransformer):
         self.as_two_stage = as_two_stage
         self.num_feature_levels = num_feature_levels
         self.channels_last = channels_last
-        self.fold_bn_in_inference = fold_bn_in_inference
-        self._folded_backbone = FoldedBatchNormCache()
         super().__init__(
             backbone=backbone,
             neck=neck,
@@ -223,15 +211,7 @@ class DeformableDETR(DetectionTransformer):
         """
         if self.channels_last:
             batch_inputs = batch_inputs.contiguous(memory_format=torch.channels_last)
-        if (
-            self.fold_bn_in_inference
-            and not self.training
-            and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()  # (a compiled graph folds by itself)
-        ):
-            feats = self._folded_backbone(self.backbone, batch_inputs)
-        else:
-            feats = self.backbone(batch_inputs)
+        feats = self.backbone(batch_inputs)
         return self.neck(feats) if self.with_neck else feats
 
     # ------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Deformable DETR transformer: encoder/decoder layers, reference points and
-two-stage proposals."""
+"""Deformable DETR transformer: encoder/decoder layers, reference-point
+geometry and two-stage proposals."""
 
 from .deformable_detr_layers import (
     DeformableDetrTransformerDecoder,
@@ -8,9 +8,16 @@ from .deformable_detr_layers import (
     DeformableDetrTransformerEncoderLayer,
 )
 from .proposals import get_encoder_proposals, get_proposal_pos_embed
-from .reference_points import get_encoder_reference_points, get_padding_masks, get_valid_ratios
+from .reference_points import (
+    apply_box_deltas,
+    get_encoder_reference_points,
+    get_padding_masks,
+    get_valid_ratios,
+    get_valid_sizes,
+)
 
 __all__ = [
+    'apply_box_deltas',
     'DeformableDetrTransformerDecoder',
     'DeformableDetrTransformerDecoderLayer',
     'DeformableDetrTransformerEncoder',
@@ -20,4 +27,5 @@ __all__ = [
     'get_padding_masks',
     'get_proposal_pos_embed',
     'get_valid_ratios',
+    'get_valid_sizes',
 ]

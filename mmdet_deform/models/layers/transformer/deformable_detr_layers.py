@@ -23,7 +23,6 @@ from typing import List, Optional, Tuple
 import torch
 from mmcv.cnn import build_norm_layer
 from mmcv.cnn.bricks.transformer import MultiheadAttention
-from mmdet.models.layers import inverse_sigmoid
 from mmdet.utils import ConfigType, OptConfigType, OptMultiConfig
 from mmengine.model import BaseModule, ModuleList
 from torch import Tensor, nn
@@ -31,13 +30,8 @@ from torch.utils.checkpoint import checkpoint
 
 from mmdet_deform.ops import MultiScaleDeformableAttention
 
-from .deformable_attention import (
-    deformable_attention,
-    expand_reference_points,
-    memory_with_validity,
-    sample_then_project_attention,
-)
 from .ffn import FastFFN
+from .reference_points import apply_box_deltas
 
 __all__ = [
     'DeformableDetrTransformerDecoder',
@@ -119,7 +113,6 @@ class DeformableDetrTransformerEncoderLayer(BaseModule):
         reference_points: Tensor,
         spatial_shapes: Tensor,
         level_start_index: Tensor,
-        expanded_references: Optional[Tensor] = None,
     ) -> Tensor:
         """Encode the flattened multi-scale features once.
 
@@ -136,27 +129,18 @@ class DeformableDetrTransformerEncoderLayer(BaseModule):
                 (num_levels, 2).
             level_start_index (Tensor): Start of every level, has shape
                 (num_levels,).
-            expanded_references (Tensor, optional): ``reference_points``
-                expanded by :func:`expand_reference_points` (the encoder
-                computes it once for all layers). Defaults to None (computed
-                here).
 
         Returns:
             Tensor: has shape (bs, num_feat_points, dim).
         """
-        if expanded_references is None:
-            expanded_references = expand_reference_points(
-                reference_points, self.self_attn.num_points
-            )
-        query = deformable_attention(
-            self.self_attn,
-            query,
-            query,
-            query_pos,
-            key_padding_mask,
-            expanded_references,
-            spatial_shapes,
-            level_start_index,
+        query = self.self_attn(
+            query=query,
+            value=query,
+            query_pos=query_pos,
+            key_padding_mask=key_padding_mask,
+            reference_points=reference_points,
+            spatial_shapes=spatial_shapes,
+            level_start_index=level_start_index,
         )
         query = self.norms[0](query)
         query = self.ffn(query)
@@ -172,8 +156,9 @@ class DeformableDetrTransformerDecoderLayer(BaseModule):
         self_attn_cfg (dict, optional): Arguments of mmcv's
             ``MultiheadAttention``. Defaults to 256 dims, 8 heads, no dropout.
         cross_attn_cfg (dict, optional): Arguments of
-            :class:`~mmdet_deform.ops.MultiScaleDeformableAttention`.
-            Defaults to 256 dims, 8 heads, no dropout.
+            :class:`~mmdet_deform.ops.MultiScaleDeformableAttention`, whose
+            ``sample_then_project`` defaults to True here. Defaults to 256
+            dims, 8 heads, no dropout.
         ffn_cfg (dict, optional): Arguments of mmcv's ``FFN`` (built as
             :class:`FastFFN`, same parameters and math). Defaults to
             256 -> 1024 -> 256 with ReLU, no dropout.
@@ -197,6 +182,9 @@ class DeformableDetrTransformerDecoderLayer(BaseModule):
         norm_cfg = _or_default(norm_cfg, _DEFAULT_NORM_CFG)
         self.self_attn_cfg = _batch_first_cfg(self_attn_cfg, 'self_attn_cfg')
         self.cross_attn_cfg = _batch_first_cfg(cross_attn_cfg, 'cross_attn_cfg')
+        # few (query, head) pairs sample many memory positions: sampling the
+        # memory before projecting it is cheaper (same parameters and result)
+        self.cross_attn_cfg.setdefault('sample_then_project', True)
         self.ffn_cfg = ffn_cfg
         self.norm_cfg = norm_cfg
         self.self_attn = MultiheadAttention(**self.self_attn_cfg)
@@ -215,7 +203,6 @@ class DeformableDetrTransformerDecoderLayer(BaseModule):
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         self_attn_mask: Optional[Tensor] = None,
-        memory_ext: Optional[Tensor] = None,
     ) -> Tensor:
         """Update the queries once.
 
@@ -235,11 +222,6 @@ class DeformableDetrTransformerDecoderLayer(BaseModule):
                 (num_levels,).
             self_attn_mask (Tensor, optional): Mask of the self-attention, as
                 ``attn_mask`` of ``nn.MultiheadAttention``. Defaults to None.
-            memory_ext (Tensor, optional): ``value`` with its validity channel
-                (:func:`memory_with_validity`), has shape
-                (bs, num_feat_points, dim + 1). Given, the cross-attention
-                samples it before projecting (same result, fewer FLOPs when
-                num_queries * num_heads < num_feat_points). Defaults to None.
 
         Returns:
             Tensor: has shape (bs, num_queries, dim).
@@ -253,28 +235,15 @@ class DeformableDetrTransformerDecoderLayer(BaseModule):
             attn_mask=self_attn_mask,
         )
         query = self.norms[0](query)
-        expanded_references = expand_reference_points(reference_points, self.cross_attn.num_points)
-        if memory_ext is not None:
-            query = sample_then_project_attention(
-                self.cross_attn,
-                query,
-                memory_ext,
-                query_pos,
-                expanded_references,
-                spatial_shapes,
-                level_start_index,
-            )
-        else:
-            query = deformable_attention(
-                self.cross_attn,
-                query,
-                value,
-                query_pos,
-                key_padding_mask,
-                expanded_references,
-                spatial_shapes,
-                level_start_index,
-            )
+        query = self.cross_attn(
+            query=query,
+            value=value,
+            query_pos=query_pos,
+            key_padding_mask=key_padding_mask,
+            reference_points=reference_points,
+            spatial_shapes=spatial_shapes,
+            level_start_index=level_start_index,
+        )
         query = self.norms[1](query)
         query = self.ffn(query)
         return self.norms[2](query)
@@ -341,16 +310,7 @@ class DeformableDetrTransformerEncoder(BaseModule):
         Returns:
             Tensor: The memory, has shape (bs, num_feat_points, dim).
         """
-        # the same references in every layer: expand them once
-        expanded = expand_reference_points(reference_points, self.layers[0].self_attn.num_points)
-        args = (
-            query_pos,
-            key_padding_mask,
-            reference_points,
-            spatial_shapes,
-            level_start_index,
-            expanded,
-        )
+        args = (query_pos, key_padding_mask, reference_points, spatial_shapes, level_start_index)
         for i, layer in enumerate(self.layers):
             if i < self.num_cp and self.training and torch.is_grad_enabled():
                 query = checkpoint(layer, query, *args, use_reentrant=False)
@@ -372,11 +332,6 @@ class DeformableDetrTransformerDecoder(BaseModule):
         return_intermediate (bool): Return the queries and references after
             every layer (for the auxiliary losses) rather than only after the
             last. Defaults to True.
-        sample_then_project (bool): When there are fewer (query, head) pairs
-            than memory positions, let the cross-attention sample the memory
-            and project the samples (:mod:`.sample_then_project`) instead of
-            projecting the whole memory in every layer. Same parameters and
-            result. Defaults to True.
         init_cfg (dict, optional): Initialisation config. Defaults to None.
     """
 
@@ -386,7 +341,6 @@ class DeformableDetrTransformerDecoder(BaseModule):
         layer_cfg: ConfigType,
         post_norm_cfg: OptConfigType = None,
         return_intermediate: bool = True,
-        sample_then_project: bool = True,
         init_cfg: OptMultiConfig = None,
     ) -> None:
         super().__init__(init_cfg=init_cfg)
@@ -401,7 +355,6 @@ class DeformableDetrTransformerDecoder(BaseModule):
         self.layer_cfg = layer_cfg
         self.post_norm_cfg = post_norm_cfg
         self.return_intermediate = return_intermediate
-        self.sample_then_project = sample_then_project
         self.layers = ModuleList(
             [DeformableDetrTransformerDecoderLayer(**layer_cfg) for _ in range(num_layers)]
         )
@@ -467,11 +420,6 @@ class DeformableDetrTransformerDecoder(BaseModule):
         # valid (w, h), boxes (cx, cy, w, h) by (w, h, w, h); refined points
         # become boxes
         valid_scales = {2: valid_ratios[:, None], 4: torch.cat([valid_ratios] * 2, -1)[:, None]}
-        # sampling first pays when the queries' samples are fewer than the memory
-        num_heads = self.layers[0].cross_attn.num_heads
-        memory_ext = None
-        if self.sample_then_project and query.shape[1] * num_heads < value.shape[1]:
-            memory_ext = memory_with_validity(value, key_padding_mask)  # shared by all layers
         hidden_states = []
         references = []
         for i, layer in enumerate(self.layers):
@@ -486,35 +434,14 @@ class DeformableDetrTransformerDecoder(BaseModule):
                 reference_points=level_references,
                 spatial_shapes=spatial_shapes,
                 level_start_index=level_start_index,
-                memory_ext=memory_ext,
             )
             if reg_branches is not None:
-                reference_points = self._refine(reference_points, reg_branches[i](query))
+                # the next layer starts from the refined boxes, without gradient (paper)
+                deltas = reg_branches[i](query)
+                reference_points = apply_box_deltas(reference_points, deltas).sigmoid().detach()
             if self.return_intermediate:
                 hidden_states.append(query)
                 references.append(reference_points)
         if self.return_intermediate:
             return torch.stack(hidden_states), torch.stack(references)
         return query[None], reference_points[None]
-
-    @staticmethod
-    def _refine(reference_points: Tensor, deltas: Tensor) -> Tensor:
-        """Move the references by the predicted logit-space deltas.
-
-        Args:
-            reference_points (Tensor): Current references, has shape
-                (bs, num_queries, 2 or 4).
-            deltas (Tensor): Predicted (cx, cy, w, h) deltas, has shape
-                (bs, num_queries, 4).
-
-        Returns:
-            Tensor: New references, detached, has shape (bs, num_queries, 4):
-            points become boxes once refined.
-        """
-        if reference_points.shape[-1] == 4:
-            refined = deltas + inverse_sigmoid(reference_points)
-        else:
-            # points: only the centre has a previous value; (w, h) are the deltas
-            centre = deltas[..., :2] + inverse_sigmoid(reference_points)
-            refined = torch.cat([centre, deltas[..., 2:]], -1)
-        return refined.sigmoid().detach()

@@ -13,9 +13,7 @@ names, same math) whose forward, for the usual two-layer ReLU network:
   matters over the encoder's (tokens, feedforward_channels) activations;
   the hidden ReLU and dropout run as one pass that keeps no mask
   (:meth:`~mmdet_deform.ops.Dropout.relu_forward`).
-  The masks differ from mmcv's under the same seed, not their distribution;
-* runs its Linear layers through :func:`mmdet_deform.models.utils.linear`
-  (a prepacked oneDNN weight in CPU float32 inference).
+  The masks differ from mmcv's under the same seed, not their distribution.
 """
 
 from typing import Optional
@@ -24,8 +22,6 @@ from mmcv.cnn.bricks.transformer import FFN
 from torch import Tensor, nn
 
 from mmdet_deform.ops import Dropout
-
-from ...utils import linear
 
 __all__ = ['FastFFN']
 
@@ -66,9 +62,9 @@ class FastFFN(FFN):
         fc2, drop2 = self.layers[1], self.layers[2]
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (..., c) -> (n, c)
-        hidden = linear(x, fc1)
+        hidden = fc1(x)
         # (ReLU + dropout in one pass in CPU training)
         hidden = drop1.relu_forward(hidden, inplace_relu=True)
-        out = drop2(linear(hidden, fc2))
+        out = drop2(fc2(hidden))
         identity = x if identity is None else identity.reshape(-1, shape[-1])
         return (identity + out).view(shape)

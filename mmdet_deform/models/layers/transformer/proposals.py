@@ -14,6 +14,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .reference_points import get_valid_sizes
+
 __all__ = ['get_encoder_proposals', 'get_proposal_pos_embed']
 
 
@@ -49,9 +51,7 @@ def get_encoder_proposals(
         if memory_mask is not None:
             # (bs, h*w) -> (bs, h, w)
             mask = memory_mask[:, start : start + h * w].view(batch_size, h, w)
-            valid_h = (~mask[:, :, 0]).sum(1)
-            valid_w = (~mask[:, 0, :]).sum(1)
-            scale = torch.stack([valid_w, valid_h], -1).view(batch_size, 1, 1, 2)
+            scale = get_valid_sizes(mask).view(batch_size, 1, 1, 2)  # (valid_w, valid_h)
         else:
             scale = torch.tensor([w, h], device=device).view(1, 1, 1, 2)
         grid_y, grid_x = torch.meshgrid(

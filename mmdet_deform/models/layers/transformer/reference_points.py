@@ -1,5 +1,6 @@
-"""Geometry shared by the encoder and the decoder: padding masks of every
-level, their valid ratios and the encoder's reference points.
+"""Geometry shared by the encoder, the decoder and the head: padding masks of
+every level, their valid sizes and ratios, the encoder's reference points,
+and the refinement of references by predicted deltas.
 
 A batch pads its images to one size (bottom/right). Every reference point is
 normalised to the *valid* area of its own image, then scaled to each level's
@@ -12,9 +13,16 @@ from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from mmdet.models.layers import inverse_sigmoid
 from torch import Tensor
 
-__all__ = ['get_encoder_reference_points', 'get_padding_masks', 'get_valid_ratios']
+__all__ = [
+    'apply_box_deltas',
+    'get_encoder_reference_points',
+    'get_padding_masks',
+    'get_valid_ratios',
+    'get_valid_sizes',
+]
 
 
 def get_padding_masks(
@@ -45,6 +53,21 @@ def get_padding_masks(
     return [F.interpolate(masks[None], size=tuple(s)).to(torch.bool)[0] for s in feat_shapes]
 
 
+def get_valid_sizes(mask: Tensor) -> Tensor:
+    """Valid (unpadded) width and height of a level per image (images are
+    padded bottom/right).
+
+    Args:
+        mask (Tensor): True at padded positions, has shape (bs, h, w).
+
+    Returns:
+        Tensor: (valid_w, valid_h), int64, has shape (bs, 2).
+    """
+    valid_h = (~mask[:, :, 0]).sum(1)
+    valid_w = (~mask[:, 0, :]).sum(1)
+    return torch.stack([valid_w, valid_h], -1)
+
+
 def get_valid_ratios(mask: Tensor) -> Tensor:
     """Valid (unpadded) fraction of a level's width and height per image.
 
@@ -55,9 +78,8 @@ def get_valid_ratios(mask: Tensor) -> Tensor:
         Tensor: (valid_w / w, valid_h / h), float32, has shape (bs, 2).
     """
     _, h, w = mask.shape
-    valid_h = (~mask[:, :, 0]).sum(1)
-    valid_w = (~mask[:, 0, :]).sum(1)
-    return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
+    valid = get_valid_sizes(mask).float()
+    return torch.stack([valid[:, 0] / w, valid[:, 1] / h], -1)
 
 
 def get_encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
@@ -86,3 +108,26 @@ def get_encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -
     reference_points = torch.cat(points, 1)  # (bs, num_feat_points, 2)
     # (bs, n, 1, 2) * (bs, 1, num_levels, 2) -> (bs, n, num_levels, 2)
     return reference_points[:, :, None] * valid_ratios[:, None]
+
+
+def apply_box_deltas(references: Tensor, deltas: Tensor) -> Tensor:
+    """Move references by deltas predicted in logit space.
+
+    Args:
+        references (Tensor): Normalised points (cx, cy), has shape
+            (..., 2), or boxes (cx, cy, w, h), has shape (..., 4).
+        deltas (Tensor): Predicted (cx, cy, w, h) deltas, has shape (..., 4).
+
+    Returns:
+        Tensor: Boxes (cx, cy, w, h) in logit space (apply ``sigmoid`` to
+        normalise), has shape (..., 4). A point reference only moves the
+        centre; (w, h) are then the deltas themselves.
+    """
+    if references.shape[-1] == 4:
+        return deltas + inverse_sigmoid(references)
+    if references.shape[-1] == 2:
+        centre = deltas[..., :2] + inverse_sigmoid(references)
+        return torch.cat([centre, deltas[..., 2:]], -1)
+    raise ValueError(
+        f'references must end in 2 (points) or 4 (boxes), got shape {tuple(references.shape)}'
+    )
