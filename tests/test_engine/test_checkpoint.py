@@ -25,12 +25,23 @@ from mmdet_deform.engine import (
 from ..conftest import REPO_ROOT
 
 
-class _ObjectArrayFromBytes:
-    """Pickles as a numpy object array whose 'pointers' are raw bytes."""
+class _FloatDTypeClaimingObjects:
+    """Pickles as ``dtype('f8')`` whose state sets the 'holds objects' flags."""
+
+    def __reduce__(self):
+        return np.dtype, ('f8', False, True), (3, '<', None, None, None, -1, -1, 63)
+
+
+class _ArrayFromBytes:
+    """Pickles as a numpy array of ``dtype`` filled from raw bytes: with an
+    object dtype numpy would follow those bytes as pointers."""
+
+    def __init__(self, dtype) -> None:
+        self.dtype = dtype
 
     def __reduce__(self):
         reconstruct, args, _ = np.zeros(1).__reduce__()
-        return reconstruct, args, (1, (4,), np.dtype(object), False, b'\x01' * 32)
+        return reconstruct, args, (1, (4,), self.dtype, False, b'\x01' * 32)
 
 
 class _Getattr:
@@ -78,13 +89,21 @@ def test_importing_the_package_leaves_torchs_allow_list_alone(tmp_path):
     }
 
 
-def test_crafted_object_array_is_refused_and_crashes_nothing(tmp_path):
-    """A numpy object array filled from raw bytes would make numpy follow
-    those bytes as pointers; after ``import mmdet_deform`` torch still
-    refuses it, and our loader refuses its dtype (in a subprocess, so a crash
-    would show as a failure, not take pytest down)."""
+@pytest.mark.parametrize(
+    'dtype,reason',
+    [
+        (np.dtype(object), "numpy dtype 'O8' is not a plain numeric dtype"),
+        (_FloatDTypeClaimingObjects(), "numpy dtype 'f8' has an unexpected state"),
+    ],
+    ids=['object-dtype', 'float-dtype-with-object-flags'],
+)
+def test_crafted_object_array_is_refused_and_crashes_nothing(tmp_path, dtype, reason):
+    """After ``import mmdet_deform`` torch still refuses such a file (with
+    the old process-wide allow-list numpy built it: an internal error or a
+    crash), and our loader refuses its dtype. In a subprocess, so a crash
+    shows as a failure instead of taking pytest down."""
     path = str(tmp_path / 'objects.pth')
-    torch.save({'x': _ObjectArrayFromBytes()}, path)
+    torch.save({'x': _ArrayFromBytes(dtype)}, path)
     code = f"""
 import pickle, torch
 import mmdet_deform
@@ -100,12 +119,18 @@ except CheckpointError as e:
 """
     env = dict(os.environ, PYTHONPATH=REPO_ROOT)
     proc = subprocess.run(
-        [sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, '-c', code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
     assert 'torch refused' in proc.stdout
     assert 'ours refused' in proc.stdout and path in proc.stdout
-    assert "'O8' is not a plain numeric dtype" in proc.stdout
+    assert reason in proc.stdout
 
 
 def test_history_buffer_state_cannot_rewire_other_buffers(tmp_path):
