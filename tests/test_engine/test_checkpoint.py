@@ -89,6 +89,7 @@ def test_importing_the_package_leaves_torchs_allow_list_alone(tmp_path):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     'dtype,reason',
     [
