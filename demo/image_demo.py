@@ -1,4 +1,5 @@
-"""Detect objects in images with mmdet's ``DetInferencer`` and our configs.
+"""Detect objects in images with our configs (:class:`mmdet_deform.apis.SafeDetInferencer`,
+mmdet's ``DetInferencer`` with checked inputs and weights loaded as data).
 
     python demo/image_demo.py IMG CONFIG [--weights CKPT] [--out-dir outputs]
         [--score-thr 0.3] [--device cpu]
@@ -10,9 +11,12 @@ xyxy pixels). Class names and palette come from the checkpoint's metadata.
 
 Every input is checked before the model is built: a missing path, a folder
 without images, or a file that is empty, truncated or not an image OpenCV can
-read stops the demo with a message naming the file (exit code 2). Grayscale,
-RGBA and 16-bit images are read as 3-channel colour images; any size works
-(the test pipeline resizes).
+read stops the demo with a message naming the file (exit code 2), as does a
+``--weights`` file that is not a complete checkpoint. Grayscale, RGBA and
+16-bit images are read as 3-channel colour images; any size works (the test
+pipeline resizes). The weights are loaded as data (no code in a checkpoint
+runs), and the config is always the one given: the config text stored in a
+checkpoint is never used.
 """
 
 import argparse
@@ -20,7 +24,6 @@ import os
 import os.path as osp
 from typing import List, Optional
 
-import cv2
 import torch
 
 #: The files of a folder that ``DetInferencer`` reads (mmdet's list).
@@ -32,12 +35,9 @@ def image_problem(path: str) -> Optional[str]:
 
     Cheap: reads the file's first and last bytes, decodes nothing.
     """
-    from mmdet_deform.datasets import image_file_problem
+    from mmdet_deform.apis import image_path_problem
 
-    problem = image_file_problem(path)
-    if problem is None and not cv2.haveImageReader(path):
-        problem = 'is not an image file OpenCV can read'
-    return problem
+    return image_path_problem(path)
 
 
 def input_problems(inputs: str) -> List[str]:
@@ -98,8 +98,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error('bad input, nothing was run:\n  ' + '\n  '.join(shown))
     if not osp.isfile(args.model):
         parser.error(f'config not found: {args.model!r}')
-    if args.weights is not None and not osp.isfile(args.weights):
-        parser.error(f'checkpoint not found: {args.weights!r}')
+    if args.weights is not None:
+        from mmdet_deform.engine import checkpoint_header_problem
+
+        problem = checkpoint_header_problem(args.weights)
+        if problem == 'does not exist':
+            parser.error(f'checkpoint not found: {args.weights!r}')
+        if problem is not None:
+            parser.error(f'--weights: checkpoint {args.weights!r} {problem}')
     if not 0 <= args.score_thr <= 1:
         parser.error(f'--score-thr must be in [0, 1], got {args.score_thr}')
     if args.batch_size < 1:
@@ -109,10 +115,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
-    from mmdet.apis import DetInferencer
+    from mmdet_deform.apis import SafeDetInferencer
 
     device = args.device or ('cuda:0' if torch.cuda.is_available() else 'cpu')
-    inferencer = DetInferencer(
+    inferencer = SafeDetInferencer(
         model=args.model, weights=args.weights, device=device, palette=args.palette
     )
     results = inferencer(

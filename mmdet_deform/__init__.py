@@ -6,8 +6,12 @@
   backward), which needs torch only;
 * with mmengine/mmdet installed: the ``mmdet_deform`` registry scope (child
   registries of mmdet's, see :mod:`mmdet_deform.registry`), the model,
-  dataset and hook classes, and the allow-list that lets torch >= 2.6 load
-  mmengine checkpoints with ``weights_only=True``.
+  dataset, hook and runner classes.
+
+Importing it changes nothing else in the process: in particular torch's
+``weights_only`` allow-list stays as it was (this package's own checkpoint
+loads allow what they need for the duration of the call, see
+:mod:`mmdet_deform.engine.checkpoint`).
 """
 
 import importlib.util
@@ -18,7 +22,4 @@ from .version import __version__, version_info
 __all__ = ['__version__', 'ops', 'version_info']
 
 if importlib.util.find_spec('mmdet') is not None:  # torch-only installs keep the op
-    from .engine.checkpoint import allow_mmengine_checkpoint_globals
-
-    allow_mmengine_checkpoint_globals()
     from . import datasets, engine, models, registry  # noqa: F401  (registers classes)

@@ -10,11 +10,14 @@ the embedded shapes dataset, from a fresh machine, without any download.
    prints losses and the ETA as it goes, and COCO mAP on val every epoch);
 3. reports the COCO bbox mAP of the final model on the val split;
 4. draws the final model's detections on val images (``predictions.png``,
-   through mmdet's ``DetInferencer``) and the loss / mAP curves
-   (``curves.png``),
+   through :class:`mmdet_deform.apis.SafeDetInferencer`, mmdet's
+   ``DetInferencer`` with checked inputs and weights loaded as data) and the
+   loss / mAP curves (``curves.png``),
 
 then prints where everything is. Every run gets its own work dir
-(``work_dirs/main_job/<time>/``), so no earlier run is overwritten.
+(``work_dirs/main_job/<time>/``), so no earlier run is overwritten: the work
+dir is locked for the run (a second job started in the same second stops
+with a clear error) and refused if it holds another run's checkpoints.
 """
 
 import argparse
@@ -32,7 +35,7 @@ from mmengine.config import Config, DictAction
 
 from mmdet_deform.datasets import ensure_shapes_split
 from mmdet_deform.ops import has_extension
-from mmdet_deform.utils import build_runner, load_config
+from mmdet_deform.utils import build_runner, check_work_dir, load_config, lock_work_dir
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # tools/, for analysis_tools
 from analysis_tools.analyze_logs import load_run, plot_curves  # noqa: E402
@@ -91,10 +94,10 @@ def final_metrics(runner, work_dir: str) -> Dict[str, float]:
 def draw_predictions(
     cfg: Config, checkpoint: str, images: List[str], out_dir: str, score_thr: float
 ) -> str:
-    """Run ``DetInferencer`` on ``images`` and tile the drawn results into one PNG."""
-    from mmdet.apis import DetInferencer
+    """Run ``SafeDetInferencer`` on ``images`` and tile the drawn results into one PNG."""
+    from mmdet_deform.apis import SafeDetInferencer
 
-    inferencer = DetInferencer(model=cfg, weights=checkpoint, device='cpu', show_progress=False)
+    inferencer = SafeDetInferencer(model=cfg, weights=checkpoint, device='cpu', show_progress=False)
     inferencer(images, out_dir=out_dir, pred_score_thr=score_thr, no_save_pred=False)
     tiles = [cv2.imread(osp.join(out_dir, 'vis', osp.basename(p))) for p in images]
     size = max(max(t.shape[:2]) for t in tiles)
@@ -114,12 +117,20 @@ def draw_predictions(
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     args = parse_args(argv)
-    start = time.perf_counter()
-    timings = {}
     work_dir = args.work_dir or osp.join(
         'work_dirs', 'main_job', time.strftime('%Y%m%d_%H%M%S', time.localtime())
     )
     cfg = load_config(args.config, args.cfg_options, work_dir)
+    with lock_work_dir(cfg):  # another job in this work dir stops here
+        check_work_dir(cfg)
+        return run_job(args, cfg)
+
+
+def run_job(args: argparse.Namespace, cfg: Config) -> Dict[str, float]:
+    """The four steps, in the locked work dir ``cfg.work_dir``."""
+    start = time.perf_counter()
+    work_dir = cfg.work_dir
+    timings = {}
     if args.data_root:
         for ds in _dataset_cfgs(cfg):
             ds.data_root = args.data_root

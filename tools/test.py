@@ -7,6 +7,12 @@ Evaluates with the config's ``test_evaluator`` (COCO mAP for our configs,
 printed as ``coco/bbox_mAP``). ``--out`` also dumps the predictions to a
 pickle; ``--show-dir`` draws them on the images. Multi-process:
 ``tools/dist_test.sh``.
+
+The checkpoint is loaded as data (see :class:`mmdet_deform.engine.SafeRunner`):
+no code in it runs, and an empty, truncated or incomplete file stops the tool
+with a message naming it. Each test image is checked after loading
+(:class:`mmdet_deform.datasets.CheckImage`: grayscale becomes 3-channel; an
+empty image or non-finite values raise ``ValueError`` naming the file).
 """
 
 import argparse
@@ -18,6 +24,8 @@ from mmdet.engine.hooks.utils import trigger_visualization_hook
 from mmdet.evaluation import DumpDetResults
 from mmengine.config import DictAction
 
+from mmdet_deform.datasets import add_image_check
+from mmdet_deform.engine import checkpoint_header_problem
 from mmdet_deform.utils import build_runner, load_config
 from mmdet_deform.utils.launch import LAUNCHERS
 
@@ -44,8 +52,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
         parser.error(f'--out must be a .pkl or .pickle file, got {args.out!r}')
-    if not os.path.isfile(args.checkpoint):
+    problem = checkpoint_header_problem(args.checkpoint)
+    if problem == 'does not exist':
         parser.error(f'checkpoint not found: {args.checkpoint!r}')
+    if problem is not None:
+        parser.error(f'checkpoint {args.checkpoint!r} {problem}')
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
 
@@ -54,6 +65,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
     cfg.load_from = args.checkpoint
+    dataset = cfg.test_dataloader.dataset
+    if 'pipeline' in dataset:
+        dataset.pipeline = add_image_check(dataset.pipeline)
     if args.show or args.show_dir:
         cfg = trigger_visualization_hook(cfg, args)
     runner = build_runner(cfg)

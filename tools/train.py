@@ -4,9 +4,13 @@
         [--auto-scale-lr] [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm|mpi]
 
 Hooks, schedulers, checkpointing, logging and evaluation all come from the
-config. ``--amp`` is fp16 with loss scaling on CUDA and bf16 autocast on a
-CPU; distributed runs without CUDA use the gloo backend
-(see :mod:`mmdet_deform.utils.launch`). Multi-process: ``tools/dist_train.sh``.
+config. One run at a time per work dir (a lock file in it, released when the
+process ends); a new run refuses a work dir that holds another run's
+checkpoints. Checkpoints are loaded as data: the config embedded in one is
+never executed (see :class:`mmdet_deform.engine.SafeRunner`). ``--amp`` is
+fp16 with loss scaling on CUDA and bf16 autocast on a CPU; distributed runs
+without CUDA use the gloo backend (see :mod:`mmdet_deform.utils.launch`).
+Multi-process: ``tools/dist_train.sh``.
 """
 
 import argparse
@@ -22,6 +26,7 @@ from mmdet_deform.utils import (
     enable_amp,
     enable_auto_scale_lr,
     load_config,
+    lock_work_dir,
     set_resume,
 )
 from mmdet_deform.utils.launch import LAUNCHERS
@@ -72,10 +77,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         enable_amp(cfg)
     if args.auto_scale_lr:
         enable_auto_scale_lr(cfg)
-    set_resume(cfg, args.resume)
-    check_work_dir(cfg, args.resume)
-    runner = build_runner(cfg)
-    runner.train()
+    with lock_work_dir(cfg):  # a second run in this work dir stops here
+        set_resume(cfg, args.resume)
+        check_work_dir(cfg, args.resume)
+        runner = build_runner(cfg)
+        runner.train()
 
 
 if __name__ == '__main__':

@@ -17,21 +17,34 @@ re-import torch, which costs about as much as it saves on a 2-core machine.
 
 :func:`ensure_shapes_split` is idempotent and safe to call from several
 processes at once (every rank of a distributed run builds its datasets): under
-a file lock it skips a split whose manifest entry is complete and has the same
-parameters, and (re)generates a split that is missing, partial (a run was
-killed during generation) or was generated with other parameters. It never
-writes into a directory that it did not create: a non-empty root without the
-manifest is refused with a clear error.
+a file lock (opened with ``O_NOFOLLOW``: a symlink in its place is refused) it
+skips a split whose manifest entry is complete with the same parameters, and
+generates a split that is missing or partial (a run was killed during
+generation, or one of its files was deleted). What it never does:
+
+* write into a directory that it did not create: a non-empty root without
+  the manifest is refused with a clear error;
+* delete or overwrite a file it did not write: the manifest lists every file
+  of a split (before the first one is written), and a split folder holding
+  anything else stops a regeneration with an error naming the files (a
+  complete split with an extra file is left as it is, the file too);
+* rebuild a complete split with other parameters (another ``num_images``,
+  seed, size...): a job may be reading it. That is refused with an error
+  naming the differences; generate the variant into its own ``data_root``.
+
+Images and annotation files are written atomically (temp file, rename), so a
+reader never sees a partial file.
 """
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import os.path as osp
-import shutil
-import tempfile
+import secrets
+import stat
 import time
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -117,20 +130,37 @@ def read_manifest(root: str) -> Optional[dict]:
     return manifest
 
 
-def _write_json_atomic(path: str, obj: object) -> None:
-    """Write ``obj`` as JSON to ``path`` so that readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=osp.dirname(path), prefix=_TMP_PREFIX, suffix='.json')
+def _write_bytes_atomic(path: str, data: bytes, sync: bool = False) -> None:
+    """Write ``data`` to ``path`` so that readers never see a partial file.
+
+    A new temp file next to ``path`` (``O_EXCL | O_NOFOLLOW``, mode 0666
+    less the umask), then a rename over ``path`` (which replaces a symlink
+    there, never its target).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, 'O_CLOEXEC', 0)
+    while True:
+        tmp = osp.join(osp.dirname(path), f'{_TMP_PREFIX}{secrets.token_hex(8)}.tmp')
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _write_json_atomic(path: str, obj: object) -> None:
+    """Write ``obj`` as JSON to ``path`` so that readers never see a partial file."""
+    _write_bytes_atomic(path, json.dumps(obj).encode('utf-8'), sync=True)
 
 
 def check_owned(root: str) -> None:
@@ -161,18 +191,60 @@ def check_owned(root: str) -> None:
 
 @contextlib.contextmanager
 def _locked(root: str) -> Iterator[None]:
-    """An exclusive lock on ``root`` across processes (``flock`` on a lock file)."""
+    """An exclusive lock on ``root`` across processes (``flock`` on a lock file).
+
+    The lock file is opened with ``O_NOFOLLOW``: a symlink in its place (which
+    ``open(path, 'a')`` would follow, creating its target) is refused.
+    """
     os.makedirs(root, exist_ok=True)
-    with open(osp.join(root, LOCK_NAME), 'a') as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    path = osp.join(root, LOCK_NAME)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, 'O_CLOEXEC', 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ShapesDirError(
+                f'the lock file {path} of the shapes generator is a symbolic link; refusing to '
+                'follow it. Remove it.'
+            ) from e
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ShapesDirError(f'the lock file {path} is not a regular file; remove it')
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def split_files(split: str, num_images: int) -> List[str]:
+    """The files of a split, relative to the root: its images, then its annotations."""
+    return [f'{split}/{i:06d}.jpg' for i in range(num_images)] + [f'annotations/{split}.json']
+
+
+def _listed_files(split: str, entry: Optional[dict]) -> List[str]:
+    """The files a manifest entry says the generator wrote (or was writing)."""
+    if not entry:
+        return []
+    if isinstance(entry.get('files'), list):
+        return [str(f) for f in entry['files']]
+    num = (entry.get('params') or {}).get('num_images')  # manifests before 'files'
+    return split_files(split, num) if isinstance(num, int) and num > 0 else []
+
+
+def _param_changes(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    return ', '.join(
+        f'{k}: {old.get(k)!r} there, {new.get(k)!r} asked' for k in keys if old.get(k) != new.get(k)
+    )
 
 
 def split_is_complete(root: str, split: str, params: dict) -> bool:
-    """Whether ``split`` under ``root`` was fully generated with ``params``."""
+    """Whether ``split`` under ``root`` was fully generated with ``params``
+    and every file it lists is there (other files do not count)."""
     manifest = read_manifest(root)
     entry = (manifest or {}).get('splits', {}).get(split)
     if not entry or entry.get('status') != 'complete':
@@ -182,7 +254,9 @@ def split_is_complete(root: str, split: str, params: dict) -> bool:
     img_dir = img_dir_of(root, split)
     if not osp.isfile(ann_file_of(root, split)) or not osp.isdir(img_dir):
         return False
-    return len(os.listdir(img_dir)) == params['num_images']
+    present = set(os.listdir(img_dir))
+    images = [f for f in _listed_files(split, entry) if f.startswith(f'{split}/')]
+    return len(images) == params['num_images'] and all(osp.basename(f) in present for f in images)
 
 
 def _render_to_file(task: Tuple[str, str, int, int, ShapesRenderParams]) -> List[dict]:
@@ -192,8 +266,7 @@ def _render_to_file(task: Tuple[str, str, int, int, ShapesRenderParams]) -> List
     ok, buf = cv2.imencode('.jpg', img, [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
     if not ok:
         raise RuntimeError(f'cv2 could not encode image {index} of split {split}')
-    with open(osp.join(img_dir, f'{index:06d}.jpg'), 'wb') as f:
-        f.write(buf.tobytes())
+    _write_bytes_atomic(osp.join(img_dir, f'{index:06d}.jpg'), buf.tobytes())
     return objects
 
 
@@ -226,19 +299,71 @@ def _coco_json(split: str, num_images: int, size: int, objects: List[List[dict]]
     )
 
 
+def _check_may_generate(root: str, split: str, params: dict, entry: Optional[dict]) -> None:
+    """Raise unless regenerating ``split`` touches only files the generator wrote.
+
+    Raises:
+        ShapesDirError: The split is complete with other parameters, or its
+            folder / annotation file holds files the manifest does not list.
+    """
+    if entry and entry.get('status') == 'complete' and entry.get('hash') != params_hash(params):
+        changes = _param_changes(entry.get('params') or {}, params)
+        raise ShapesDirError(
+            f'the {split!r} split in {root!r} was generated with other parameters ({changes}). '
+            'It is not rebuilt in place, since another job may be reading it: generate this '
+            'variant into its own directory (set data_root, e.g. '
+            f'{osp.normpath(root)}_{params["num_images"]}), or remove {root!r} to regenerate it.'
+        )
+    listed = set(_listed_files(split, entry))
+    img_dir, ann_file = img_dir_of(root, split), ann_file_of(root, split)
+    found = []
+    if osp.lexists(ann_file) and f'annotations/{split}.json' not in listed:
+        found.append(ann_file)
+    if osp.isdir(img_dir):
+        for name in sorted(os.listdir(img_dir)):
+            path = osp.join(img_dir, name)
+            if name.startswith(_TMP_PREFIX) and stat.S_ISREG(os.lstat(path).st_mode):
+                continue  # a temp file of an interrupted write: ours
+            if f'{split}/{name}' not in listed:
+                found.append(path)
+    elif osp.lexists(img_dir):
+        found.append(img_dir)
+    if found:
+        shown = ', '.join(found[:5]) + (f', ... ({len(found)} in all)' if len(found) > 5 else '')
+        raise ShapesDirError(
+            f'refusing to (re)generate the {split!r} split in {root!r}: it holds files the '
+            f'shapes generator did not write ({shown}), which it would have to delete or '
+            'overwrite. Move them away, or choose another data_root.'
+        )
+
+
 def _generate_split(root: str, split: str, params: dict) -> dict:
     """Generate ``split`` under ``root`` (the caller holds the lock); returns its manifest entry."""
     manifest = read_manifest(root) or dict(generator=GENERATOR_NAME, splits={})
-    # Claim the split before touching any file: a kill from here on leaves an
-    # 'in_progress' entry, which the next call regenerates.
-    manifest['splits'][split] = dict(status='in_progress', hash=params_hash(params), params=params)
+    old_entry = manifest['splits'].get(split)
+    _check_may_generate(root, split, params, old_entry)
+    files = split_files(split, params['num_images'])
+    old_files = _listed_files(split, old_entry)
+    # Claim the split before touching any file, listing every file that is or
+    # may become ours: a kill from here on leaves an 'in_progress' entry that
+    # names them, and the next call regenerates the split.
+    manifest['splits'][split] = dict(
+        status='in_progress',
+        hash=params_hash(params),
+        params=params,
+        files=sorted(set(old_files) | set(files)),
+    )
     _write_json_atomic(osp.join(root, MANIFEST_NAME), manifest)
 
     img_dir, ann_file = img_dir_of(root, split), ann_file_of(root, split)
-    shutil.rmtree(img_dir, ignore_errors=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(ann_file)
-    os.makedirs(img_dir)
+    for name in os.listdir(img_dir) if osp.isdir(img_dir) else []:
+        path = osp.join(img_dir, name)
+        if name.startswith(_TMP_PREFIX) and stat.S_ISREG(os.lstat(path).st_mode):
+            os.unlink(path)  # left by an interrupted write
+    for stale in sorted(set(old_files) - set(files)):  # ours, of other parameters
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(osp.join(root, stale))
+    os.makedirs(img_dir, exist_ok=True)
     os.makedirs(osp.dirname(ann_file), exist_ok=True)
 
     render = ShapesRenderParams(**{k: params[k] for k in ShapesRenderParams().to_dict()})
@@ -253,6 +378,7 @@ def _generate_split(root: str, split: str, params: dict) -> dict:
         params=params,
         num_images=len(coco['images']),
         num_annotations=len(coco['annotations']),
+        files=files,
     )
     manifest['splits'][split] = entry
     _write_json_atomic(osp.join(root, MANIFEST_NAME), manifest)
@@ -281,7 +407,9 @@ def ensure_shapes_split(
         bool: True if the split was generated now, False if it was complete.
 
     Raises:
-        ShapesDirError: ``root`` exists, is not empty and is not ours.
+        ShapesDirError: ``root`` exists, is not empty and is not ours; the
+            split is complete with other parameters; or the split's files
+            would have to replace files the generator did not write.
         ValueError: A parameter is out of range (the message names it).
     """
     _check_split(split, num_images, seed)
@@ -300,6 +428,8 @@ def ensure_shapes_split(
         check_owned(root)
         if split_is_complete(root, split, params):  # another process made it meanwhile
             return False
+        entry = ((read_manifest(root) or {}).get('splits') or {}).get(split)
+        _check_may_generate(root, split, params, entry)
         print_log(
             f'Generating the shapes dataset, {split} split ({num_images} images of '
             f'{render.img_size}x{render.img_size}, seed {seed}) into {root} ...',

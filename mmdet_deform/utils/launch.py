@@ -11,11 +11,15 @@ machine without CUDA needs:
   mmengine's ``AmpOptimWrapper`` (fp16 with loss scaling) needs a GPU.
 """
 
+import contextlib
 import datetime
+import errno
+import fcntl
 import logging
 import os
 import os.path as osp
 import re
+import stat
 import subprocess
 from typing import Optional
 
@@ -110,11 +114,15 @@ def set_resume(cfg: Config, resume: Optional[str]) -> Optional[str]:
 
     The latest checkpoint is found by
     :func:`mmdet_deform.engine.find_latest_checkpoint`, which follows the
-    ``last_checkpoint`` pointer only if it names a complete checkpoint (a run
-    killed during a save may leave it stale), else takes the newest complete
-    ``epoch_*.pth`` / ``iter_*.pth``. With none there, training starts as
-    configured (``load_from`` included) and says so. A config with
-    ``resume = True`` and no ``load_from`` counts as ``--resume``.
+    ``last_checkpoint`` pointer only if it names a complete checkpoint inside
+    the work dir (a run killed during a save may leave it stale; one that
+    leads out of the work dir is not followed, with a warning), else takes
+    the newest complete ``epoch_*.pth`` / ``iter_*.pth``, logging each one it
+    skips and why. With none there, training starts as configured
+    (``load_from`` included) and says so. A config with ``resume = True`` and
+    no ``load_from`` counts as ``--resume``. A checkpoint given by path may
+    lie elsewhere: the log says so, and the run leaves that folder alone
+    (:class:`~mmdet_deform.engine.AtomicCheckpointHook`).
 
     Returns:
         str or None: The checkpoint training will resume from.
@@ -128,6 +136,16 @@ def set_resume(cfg: Config, resume: Optional[str]) -> Optional[str]:
             raise FileNotFoundError(f'--resume: checkpoint not found: {resume!r}')
         cfg.resume = True
         cfg.load_from = resume
+        if _inside(resume, cfg.work_dir):
+            print_log(f'--resume: resuming from {resume}', 'current')
+        else:
+            print_log(
+                f'--resume: resuming from {resume}, which is outside the work dir '
+                f'{cfg.work_dir}: this run writes its checkpoints to {cfg.work_dir} and '
+                f'leaves {osp.dirname(osp.abspath(resume))} as it is',
+                logger='current',
+                level=logging.WARNING,
+            )
         return resume
     from mmdet_deform.engine import find_latest_checkpoint
 
@@ -151,36 +169,166 @@ def set_resume(cfg: Config, resume: Optional[str]) -> Optional[str]:
 _RUN_OUTPUTS = re.compile(r'(epoch|iter)_\d+\.pth|best_.*\.pth|last_checkpoint')
 
 
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` lies in ``folder`` (symlinks resolved)."""
+    path, folder = osp.realpath(path), osp.realpath(folder)
+    return osp.commonpath([path, folder]) == folder
+
+
 def check_work_dir(cfg: Config, resume: Optional[str] = None) -> None:
-    """Refuse to start a new run over the checkpoints of an earlier one.
+    """Refuse to start a run over the checkpoints of another one.
 
     mmengine keeps each run's logs in a timestamped subfolder of the work
     dir, but writes checkpoints (``epoch_N.pth``, ``last_checkpoint``) into
     the work dir itself, so a second run there would overwrite (and, with
     ``max_keep_ckpts``, delete) the first one's. Call this before building the
-    runner.
+    runner (and after :func:`lock_work_dir`, so that two runs started at once
+    cannot both pass).
 
     Args:
         cfg (Config): The config (its ``work_dir``).
-        resume (str, optional): ``--resume`` (``'auto'`` or a path): the user
-            asked to continue in this work dir, which is allowed.
+        resume (str, optional): ``--resume``: ``'auto'`` or a checkpoint in
+            the work dir continues the run there, which is allowed; a
+            checkpoint from another folder starts a new run from its state,
+            which needs a work dir without checkpoints.
 
     Raises:
         FileExistsError: The work dir holds checkpoints and the run does not
-            resume; the message names the work dir and the ways out.
+            continue them; the message names the work dir and the ways out.
     """
     work_dir = cfg.work_dir
-    if resume is not None or cfg.get('resume', False) or not osp.isdir(work_dir):
+    if resume is None and cfg.get('resume', False):
+        resume = cfg.get('load_from') or 'auto'
+    continues = resume == 'auto' or (resume is not None and _inside(resume, work_dir))
+    if continues or not osp.isdir(work_dir):
         return
     found = sorted(n for n in os.listdir(work_dir) if _RUN_OUTPUTS.fullmatch(n))
-    if found:
-        shown = ', '.join(found[:4]) + (', ...' if len(found) > 4 else '')
+    if not found:
+        return
+    shown = ', '.join(found[:4]) + (', ...' if len(found) > 4 else '')
+    if resume is not None:
         raise FileExistsError(
-            f'work dir {work_dir!r} already holds the checkpoints of an earlier run ({shown}); '
-            'a new run would overwrite them. Continue that run with --resume (its latest '
-            'complete checkpoint) or --resume CKPT, or start a new run with another '
-            '--work-dir. Nothing was changed.'
+            f'work dir {work_dir!r} holds the checkpoints of another run ({shown}), and '
+            f'--resume {resume} is a checkpoint from elsewhere: resuming it here would '
+            'overwrite or remove them. Resume it into an empty --work-dir (or its own folder). '
+            'Nothing was changed.'
         )
+    raise FileExistsError(
+        f'work dir {work_dir!r} already holds the checkpoints of an earlier run ({shown}); '
+        'a new run would overwrite them. Continue that run with --resume (its latest '
+        'complete checkpoint) or --resume CKPT, or start a new run with another '
+        '--work-dir. Nothing was changed.'
+    )
+
+
+#: Name of the lock file a training run holds in its work dir.
+WORK_DIR_LOCK = '.mmdet_deform_run.lock'
+
+
+class WorkDirBusyError(RuntimeError):
+    """Another training run holds the work dir."""
+
+
+class WorkDirLock:
+    """An exclusive lock of a work dir, held by one training run at a time.
+
+    ``flock`` on ``<work_dir>/.mmdet_deform_run.lock`` (created with
+    ``O_NOFOLLOW``, never through a symlink), which the kernel releases when
+    the process ends however it ends, so a killed run leaves no stale lock.
+    The file holds the pid of the holder and is removed on release. Use as a
+    context manager, or :meth:`acquire` / :meth:`release`.
+    """
+
+    def __init__(self, work_dir: str) -> None:
+        self.work_dir = work_dir
+        self.path = osp.join(work_dir, WORK_DIR_LOCK)
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> 'WorkDirLock':
+        """Take the lock.
+
+        Raises:
+            WorkDirBusyError: Another process holds it (the message names the
+                work dir and that process' pid).
+            FileExistsError: The lock path is a symlink or not a file.
+        """
+        os.makedirs(self.work_dir, exist_ok=True)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, 'O_CLOEXEC', 0)
+        for _ in range(10):
+            try:
+                fd = os.open(self.path, flags, 0o666)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise FileExistsError(
+                        f'{self.path} is a symbolic link; refusing to use it as the lock of '
+                        f'the work dir {self.work_dir!r}. Remove it.'
+                    ) from e
+                raise
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise FileExistsError(f'{self.path} is not a regular file; remove it')
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                raise WorkDirBusyError(
+                    f'work dir {self.work_dir!r} is in use by another training run'
+                    + (f' (pid {holder})' if holder else '')
+                    + f' (it holds {self.path}). Two runs in one work dir would overwrite each '
+                    "other's checkpoints: wait for it to end, or choose another --work-dir."
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            # the holder before us may have removed the file after we opened it
+            try:
+                same = os.path.samestat(os.fstat(fd), os.lstat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f'{os.getpid()}\n'.encode())
+                self._fd = fd
+                return self
+            os.close(fd)
+        raise WorkDirBusyError(f'could not lock {self.path}: it keeps being replaced')
+
+    def release(self) -> None:
+        """Remove the lock file and release the lock (idempotent)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # before unlocking: a waiter then sees a new inode
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> 'WorkDirLock':
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> Optional[int]:
+    with contextlib.suppress(OSError, ValueError):
+        return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+    return None
+
+
+def _rank() -> int:
+    """The process' rank from the launcher's environment (0 without one)."""
+    for key in ('RANK', 'SLURM_PROCID', 'OMPI_COMM_WORLD_RANK'):
+        if os.environ.get(key, '').isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def lock_work_dir(cfg: Config) -> contextlib.AbstractContextManager:
+    """The lock of ``cfg.work_dir`` for a training run (:class:`WorkDirLock`);
+    on ranks other than 0 of a distributed run a no-op (rank 0 holds it)."""
+    if _rank() != 0 or '://' in str(cfg.work_dir):
+        return contextlib.nullcontext()
+    return WorkDirLock(cfg.work_dir)
 
 
 def init_cpu_distributed(launcher: str, cfg: Config) -> None:
@@ -222,11 +370,23 @@ def init_cpu_distributed(launcher: str, cfg: Config) -> None:
 
 
 def build_runner(cfg: Config) -> Runner:
-    """Initialise a CPU process group if needed, then build the runner
-    (``runner_type`` from the config, else mmengine's ``Runner``)."""
-    init_cpu_distributed(cfg.get('launcher', 'none'), cfg)
-    if 'runner_type' in cfg:
-        from mmdet_deform.registry import RUNNERS
+    """Initialise a CPU process group if needed, then build the runner:
+    ``runner_type`` from the config, else
+    :class:`mmdet_deform.engine.SafeRunner` (mmengine's ``Runner`` with
+    checkpoint loading that runs no code, see its docstring)."""
+    from mmdet_deform.engine import SafeRunner
 
-        return RUNNERS.build(cfg)
-    return Runner.from_cfg(cfg)
+    init_cpu_distributed(cfg.get('launcher', 'none'), cfg)
+    if 'runner_type' not in cfg:
+        return SafeRunner.from_cfg(cfg)
+    from mmdet_deform.registry import RUNNERS
+
+    runner = RUNNERS.build(cfg)
+    if not isinstance(runner, SafeRunner):
+        print_log(
+            f'runner_type={cfg.runner_type!r} is not a mmdet_deform.SafeRunner: checkpoints are '
+            "loaded by mmengine's loader",
+            logger='current',
+            level=logging.WARNING,
+        )
+    return runner

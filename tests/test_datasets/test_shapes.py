@@ -139,15 +139,15 @@ def test_second_call_skips_and_keeps_files(tiny_root):
     assert {p: os.stat(osp.join(tiny_root, p)).st_mtime_ns for p in before} == mtimes
 
 
-def _corrupt_in_progress(root: str) -> None:
+def _corrupt_in_progress(root: str, split: str = 'train') -> None:
     """What a kill during generation leaves: manifest says in_progress, files partial."""
     path = osp.join(root, MANIFEST_NAME)
     with open(path) as f:
         manifest = json.load(f)
-    manifest['splits']['train']['status'] = 'in_progress'
+    manifest['splits'][split]['status'] = 'in_progress'
     with open(path, 'w') as f:
         json.dump(manifest, f)
-    os.unlink(osp.join(root, 'annotations', 'train.json'))
+    os.unlink(osp.join(root, 'annotations', f'{split}.json'))
 
 
 def test_partial_split_is_regenerated(tiny_root, tmp_path):
@@ -163,13 +163,61 @@ def test_partial_split_is_regenerated(tiny_root, tmp_path):
     assert _digest(root) == _digest(tiny_root)
 
 
-def test_changed_parameters_regenerate_the_split(tmp_path):
+def test_changed_parameters_of_a_complete_split_are_refused(tmp_path):
+    """Another job may be reading the complete split: it is not rebuilt in place."""
     root = str(tmp_path / 'shapes')
     ensure_shapes_split(root, 'val', 6, seed=0, **TINY)
+    before = _digest(root)
+    with pytest.raises(ShapesDirError, match=r"'val' split .* other parameters \(num_images: 6 "):
+        ensure_shapes_split(root, 'val', 4, seed=0, **TINY)
+    assert _digest(root) == before
+    with pytest.raises(ShapesDirError, match='seed: 0 there, 1 asked'):
+        ensure_shapes_split(root, 'val', 6, seed=1, **TINY)
+    assert _digest(root) == before
+    # the variant goes to a directory of its own; train joins val's root freely
+    assert ensure_shapes_split(root + '_4', 'val', 4, seed=0, **TINY) is True
+    assert ensure_shapes_split(root, 'train', 3, seed=0, **TINY) is True
+
+
+def test_interrupted_split_with_other_parameters_is_replaced(tmp_path):
+    """No job reads a split whose generation was killed: the new parameters
+    take it over, and the images only the old ones had go (they were ours)."""
+    root = str(tmp_path / 'shapes')
+    ensure_shapes_split(root, 'val', 6, seed=0, **TINY)
+    _corrupt_in_progress(root, 'val')
     assert ensure_shapes_split(root, 'val', 4, seed=0, **TINY) is True
-    assert len(os.listdir(osp.join(root, 'val'))) == 4
-    with open(osp.join(root, 'annotations', 'val.json')) as f:
-        assert len(json.load(f)['images']) == 4
+    assert sorted(os.listdir(osp.join(root, 'val'))) == [f'{i:06d}.jpg' for i in range(4)]
+    with open(osp.join(root, MANIFEST_NAME)) as f:
+        entry = json.load(f)['splits']['val']
+    assert entry['status'] == 'complete' and len(entry['files']) == 5  # 4 images, 1 json
+
+
+def test_a_users_file_in_a_split_is_never_deleted(tmp_path):
+    root = tmp_path / 'shapes'
+    generate_shapes(str(root), 4, 2, seed=0, **TINY)
+    (root / 'train' / 'notes.txt').write_text('keep me')
+    # a complete split stays complete with an extra file, which stays
+    assert ensure_shapes_split(str(root), 'train', 4, seed=0, **TINY) is False
+    os.unlink(root / 'train' / '000002.jpg')  # now incomplete: regenerating would touch train/
+    before = _digest(str(root))
+    with pytest.raises(ShapesDirError, match=r'did not write \(.*train/notes\.txt\)'):
+        ensure_shapes_split(str(root), 'train', 4, seed=0, **TINY)
+    assert _digest(str(root)) == before
+    os.unlink(root / 'train' / 'notes.txt')  # moved away: regenerated
+    assert ensure_shapes_split(str(root), 'train', 4, seed=0, **TINY) is True
+    assert sorted(os.listdir(root / 'train')) == [f'{i:06d}.jpg' for i in range(4)]
+
+
+def test_the_lock_file_is_never_a_followed_symlink(tmp_path):
+    root = tmp_path / 'shapes'
+    root.mkdir()
+    target = tmp_path / 'elsewhere' / 'created_by_the_lock'
+    (tmp_path / 'elsewhere').mkdir()
+    os.symlink(target, root / '.shapes.lock')
+    with pytest.raises(ShapesDirError, match='lock file .* is a symbolic link'):
+        ensure_shapes_split(str(root), 'val', 2, **TINY)
+    assert not target.exists()
+    assert os.listdir(root) == ['.shapes.lock']
 
 
 def test_refuses_a_directory_it_did_not_write(tmp_path):

@@ -8,11 +8,10 @@ import os.path as osp
 import pytest
 import torch
 from mmengine.model import BaseModel
-from mmengine.runner import Runner
 from torch.utils.data import DataLoader, Dataset
 
 import mmdet_deform  # noqa: F401  (registers the hooks and the atomic_local backend)
-from mmdet_deform.engine import find_latest_checkpoint
+from mmdet_deform.engine import SafeRunner, find_latest_checkpoint
 
 
 class ToyModel(BaseModel):
@@ -32,8 +31,8 @@ class ToyDataset(Dataset):
         return {'inputs': torch.full((2,), float(index))}
 
 
-def _runner(work_dir, hook_type, max_epochs, max_keep, resume=False, load_from=None) -> Runner:
-    return Runner(
+def _runner(work_dir, hook_type, max_epochs, max_keep, resume=False, load_from=None) -> SafeRunner:
+    return SafeRunner(  # the runner of the tools: loads checkpoints as data
         model=ToyModel(),
         work_dir=str(work_dir),
         train_dataloader=DataLoader(
@@ -111,3 +110,57 @@ def test_resume_after_an_interrupted_save_and_pruning(tmp_path, dying_save_of_ep
     assert sorted(n for n in os.listdir(tmp_path) if 'pth' in n) == ['epoch_2.pth', 'epoch_3.pth']
     with open(tmp_path / 'last_checkpoint') as f:
         assert f.read() == str(tmp_path / 'epoch_3.pth')
+
+
+HOOK = 'mmdet_deform.AtomicCheckpointHook'
+
+
+def test_resume_from_another_folder_removes_nothing_it_did_not_write(tmp_path, monkeypatch):
+    """``--work-dir A --resume B/epoch_2.pth``: B's list of checkpoints to keep
+    comes back with the message hub; pruning by it would delete A's files."""
+    b, a = tmp_path / 'b', tmp_path / 'a'
+    _runner(b, HOOK, max_epochs=2, max_keep=2).train()
+    b_files = {n: (b / n).read_bytes() for n in ('epoch_1.pth', 'epoch_2.pth')}
+    a.mkdir()
+    (a / 'epoch_1.pth').write_bytes(b'a file of another run')
+    warnings = []
+    runner = _runner(a, HOOK, 4, max_keep=2, resume=True, load_from=str(b / 'epoch_2.pth'))
+    monkeypatch.setattr(runner.logger, 'warning', warnings.append)
+    runner.train()
+    assert (a / 'epoch_1.pth').read_bytes() == b'a file of another run'
+    assert {n: (b / n).read_bytes() for n in b_files} == b_files  # B as it was
+    # its own checkpoints are pruned as usual (the newest two), epoch_1.pth is not its own
+    assert sorted(n for n in os.listdir(a) if n.endswith('.pth')) == [
+        'epoch_1.pth',
+        'epoch_3.pth',
+        'epoch_4.pth',
+    ]
+    assert any(f'Resumed from {b / "epoch_2.pth"}' in w for w in warnings)
+
+
+def test_stale_temp_cleanup_takes_only_its_own_regular_files(tmp_path):
+    ours = '.epoch_2.pth.mmdet-deform-tmp-0123456789abcdef.tmp'  # as a kill mid-save leaves it
+    (tmp_path / ours).write_bytes(b'half a checkpoint')
+    (tmp_path / '.notes.pth.backup.tmp').write_text('a user file')  # the old pattern matched it
+    (tmp_path / '.x.pth.mmdet-deform-tmp-0123456789abcdef.tmp').mkdir()  # a folder, our name
+    (tmp_path / '.z.pth.abc.tmp').mkdir()  # a folder the old pattern matched
+    (tmp_path / 'mine.txt').write_text('x')
+    os.symlink(tmp_path / 'mine.txt', tmp_path / '.y.mmdet-deform-tmp-0123456789abcdef.tmp')
+    _runner(tmp_path, HOOK, 1, max_keep=1).train()  # no IsADirectoryError
+    names = os.listdir(tmp_path)
+    assert ours not in names
+    assert (tmp_path / '.notes.pth.backup.tmp').read_text() == 'a user file'
+    assert osp.isdir(tmp_path / '.x.pth.mmdet-deform-tmp-0123456789abcdef.tmp')
+    assert osp.isdir(tmp_path / '.z.pth.abc.tmp')
+    assert osp.islink(tmp_path / '.y.mmdet-deform-tmp-0123456789abcdef.tmp')
+    assert (tmp_path / 'mine.txt').read_text() == 'x'
+
+
+def test_checkpoints_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        _runner(tmp_path, HOOK, 1, max_keep=1).train()
+    finally:
+        os.umask(old)
+    for name in ('epoch_1.pth', 'last_checkpoint'):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644, name

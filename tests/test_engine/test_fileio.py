@@ -90,3 +90,24 @@ def test_find_latest_skips_truncated_checkpoint(tmp_path):
 def test_find_latest_none_when_empty(tmp_path):
     assert find_latest_checkpoint(str(tmp_path)) is None
     assert find_latest_checkpoint(str(tmp_path / 'missing')) is None
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(b'x', tmp_path / 'a.pth')
+        os.umask(0o077)
+        atomic_write_bytes(b'x', tmp_path / 'b.pth')
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / 'a.pth').st_mode & 0o777 == 0o644  # mkstemp gave 0600
+    assert os.stat(tmp_path / 'b.pth').st_mode & 0o777 == 0o600
+
+
+def test_a_symlink_at_the_target_is_replaced_not_followed(tmp_path):
+    (tmp_path / 'users_file').write_text('keep me')
+    os.symlink(tmp_path / 'users_file', tmp_path / 'epoch_1.pth')
+    atomic_write_bytes(b'checkpoint', tmp_path / 'epoch_1.pth')
+    assert (tmp_path / 'users_file').read_text() == 'keep me'
+    assert not os.path.islink(tmp_path / 'epoch_1.pth')
+    assert (tmp_path / 'epoch_1.pth').read_bytes() == b'checkpoint'

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from mmengine.model import BaseModel
-from mmengine.runner import Runner
 from torch.utils.data import Dataset
 
-import mmdet_deform  # noqa: F401  (registers the hooks, allow-lists checkpoint types)
+import mmdet_deform  # noqa: F401  (registers the hooks)
+from mmdet_deform.engine import SafeRunner
 from mmdet_deform.engine.hooks import get_rng_state, set_rng_state
 
 
@@ -44,9 +44,9 @@ def _collate(batch):
     return {'inputs': [s['inputs'] for s in batch], 'augment': [s['augment'] for s in batch]}
 
 
-def _runner(work_dir, max_epochs: int, rng_hook: bool, resume=False, load_from=None) -> Runner:
+def _runner(work_dir, max_epochs: int, rng_hook: bool, resume=False, load_from=None) -> SafeRunner:
     torch.manual_seed(0)  # the same initial weights in every runner
-    return Runner(
+    return SafeRunner(  # the runner of the tools: loads checkpoints as data
         model=DropoutModel(),
         work_dir=str(work_dir),
         train_dataloader=dict(

@@ -38,3 +38,6 @@ def test_main_job_trains_evaluates_and_draws(tmp_path, shapes_root):
     assert cv2.imread(osp.join(work_dir, 'curves.png')) is not None
     for name in ('checkpoint', 'predictions', 'curves', 'work dir'):
         assert re.search(rf'{name}: \S', out)
+    # the inferencer's visualizer is built without a LocalVisBackend that has nowhere to save
+    assert 'Failed to add' not in out
+    assert not osp.exists(osp.join(work_dir, '.mmdet_deform_run.lock'))  # released
