@@ -1,6 +1,9 @@
 # Runtime shared by every config: our registry scope, hooks, logging.
 default_scope = 'mmdet_deform'
 custom_imports = dict(imports=['mmdet_deform'], allow_failed_imports=False)
+# loads checkpoints as data and ignores the config embedded in one on resume
+# (mmdet_deform.engine.runner); mmdet's and mmengine's tools build it too
+runner_type = 'mmdet_deform.SafeRunner'
 
 default_hooks = dict(
     timer=dict(type='IterTimerHook'),
