@@ -82,6 +82,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--no-save-pred', action='store_true', help='do not write the JSONs')
     parser.add_argument('--print-result', action='store_true', help='print the predictions')
     parser.add_argument(
+        '--optimize-for-inference',
+        action='store_true',
+        help='run mmdet_deform.apis.optimize_for_inference(model) (BatchNorms folded)',
+    )
+    parser.add_argument(
         '--palette',
         default='none',
         choices=['coco', 'voc', 'citys', 'random', 'none'],
@@ -115,12 +120,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
-    from mmdet_deform.apis import SafeDetInferencer
+    from mmdet_deform.apis import SafeDetInferencer, optimize_for_inference
 
     device = args.device or ('cuda:0' if torch.cuda.is_available() else 'cpu')
     inferencer = SafeDetInferencer(
         model=args.model, weights=args.weights, device=device, palette=args.palette
     )
+    if args.optimize_for_inference:
+        inferencer.model = optimize_for_inference(inferencer.model)
     results = inferencer(
         args.inputs,
         batch_size=args.batch_size,

@@ -121,5 +121,10 @@ def test_benchmark_reports_images_per_second():
         ]
     )
     assert fps > 0
+    fps = benchmark.main(
+        [osp.join(REPO_ROOT, CONFIG), '--synthetic', '--img-size', '96', '--max-iter', '1']
+        + ['--warmup', '0', '--optimize-for-inference']
+    )
+    assert fps > 0
     with pytest.raises(SystemExit):
         benchmark.parse_args([CONFIG, '--max-iter', '0'])

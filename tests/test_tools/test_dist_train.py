@@ -90,3 +90,36 @@ def test_dist_scripts_print_usage_without_arguments():
         proc = run_tool(['bash', script])
         assert proc.returncode == 2
         assert 'usage:' in proc.stderr
+
+
+def test_test_py_optimize_for_inference_predicts_the_same(dist_run, tmp_path):
+    """``--optimize-for-inference`` tests the BatchNorm-folded copy: the
+    same detections as the plain model, up to float rounding."""
+    assert dist_run.proc.returncode == 0, 'the training run failed'
+    preds = {}
+    for name, extra in (('plain', []), ('optimized', ['--optimize-for-inference'])):
+        out = tmp_path / f'{name}.pkl'
+        proc = run_tool(
+            [
+                'tools/test.py',
+                CONFIG,
+                dist_run.checkpoint,
+                '--work-dir',
+                str(tmp_path / name),
+                '--out',
+                str(out),
+                *extra,
+                '--cfg-options',
+                *smoke_options(dist_run.data_root),
+            ]
+        )
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        with open(out, 'rb') as f:
+            preds[name] = pickle.load(f)
+    assert len(preds['plain']) == len(preds['optimized']) == 8
+    for a, b in zip(preds['plain'], preds['optimized']):
+        a, b = a['pred_instances'], b['pred_instances']
+        assert torch.allclose(a['scores'], b['scores'], atol=1e-4)
+        keep = a['scores'] > 0.05
+        assert torch.equal(a['labels'][keep], b['labels'][keep])
+        assert torch.allclose(a['bboxes'][keep], b['bboxes'][keep], atol=0.05)
