@@ -76,7 +76,7 @@ if [ -z "$MMCV_WHEEL" ] || [ -z "$MMENGINE_WHEEL" ]; then
       -w "$WHEELS" "mmengine==$MMENGINE_VERSION"
   fi
   if [ -z "$MMCV_WHEEL" ]; then
-    log "building mmcv $MMCV_VERSION ops from source, ~10-15 min on 2 cores (cached afterwards in $WHEELS)"
+    log "building mmcv $MMCV_VERSION ops from source, the longest step (cached afterwards in $WHEELS)"
     MMCV_WITH_OPS=1 FORCE_CUDA=0 "${BPIP[@]}" wheel -q --no-build-isolation --no-deps \
       -w "$WHEELS" "mmcv==$MMCV_VERSION"
   fi
