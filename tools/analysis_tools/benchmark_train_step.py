@@ -253,11 +253,11 @@ def kernel_usage() -> Tuple[float, int]:
 def time_alternately(
     models: Dict, step: Callable, args: argparse.Namespace, label: str, device: str
 ) -> List[Row]:
-    """Run ``step(name)`` for mmdet and ours in turn; median (wall, cpu) of
-    every phase after the warm-up."""
+    """Run ``step(name)`` for the two ``models`` in turn (mmdet and ours);
+    median (wall, cpu) of every phase after the warm-up, in their order."""
     samples = {name: {} for name in models}
     for it in range(args.warmup + args.iters):
-        for name in ('mmdet', 'ours'):  # alternate: load changes hit both
+        for name in models:  # alternate: load changes hit both
             before = kernel_usage()
             phases = step(name)
             system, faults = (b - a for a, b in zip(before, kernel_usage()))
@@ -271,12 +271,12 @@ def time_alternately(
                 for phase, value in phases.items():
                     samples[name].setdefault(phase, []).append(value)
     rows = []
-    for phase in samples['ours']:
+    for phase in samples[list(models)[-1]]:
         med = {
             name: tuple(statistics.median(v[i] for v in samples[name][phase]) for i in (0, 1))
             for name in models
         }
-        rows.append((phase, med['mmdet'], med['ours']))
+        rows.append((phase, *med.values()))
     return rows
 
 
