@@ -1,6 +1,11 @@
 """Build script for mmdet_deform (extension-cpp / detectron2 style).
 
-``pip install --no-build-isolation -e .`` compiles ``mmdet_deform._C``:
+``install_requires`` states the ranges the package supports
+(``requirements/runtime.txt``: torch >= 2.4, mmcv >= 2.0.0rc4 and < 2.2,
+mmdet 3.0-3.3, mmengine >= 0.7.1), so ``pip install -e .`` leaves an
+environment that satisfies them as it is (``--no-deps`` skips the check).
+``pip install --no-build-isolation -e .`` compiles ``mmdet_deform._C``
+against the installed torch:
 
 * the C++ CPU kernel of multi-scale deformable attention is always built
   (``-O3``, ATen's ``at::parallel_for`` for threading, hence ``-fopenmp``
@@ -15,6 +20,7 @@ import glob
 import os
 import os.path as osp
 import sys
+from typing import Dict, List
 
 from setuptools import find_packages, setup
 
@@ -31,15 +37,31 @@ def get_version() -> str:
     return scope['__version__']
 
 
-def parse_requirements(name: str) -> list:
-    """Requirement lines of ``requirements/<name>.txt`` (comments dropped)."""
+def parse_requirements(name: str) -> List[str]:
+    """Requirement lines of ``requirements/<name>.txt`` (comments, blank lines
+    and pip options such as ``-c`` dropped)."""
     lines = []
     with open(osp.join(ROOT, 'requirements', f'{name}.txt')) as f:
         for line in f:
             line = line.split('#', 1)[0].strip()
-            if line:
+            if line and not line.startswith('-'):
                 lines.append(line)
     return lines
+
+
+def get_install_requires() -> List[str]:
+    """The ranges the package supports (``requirements/runtime.txt``); the
+    exact versions of the development environment are pinned separately in
+    ``requirements/constraints.txt``, which only ``tools/setup_env.sh`` uses."""
+    return parse_requirements('runtime')
+
+
+def get_extras_require() -> Dict[str, List[str]]:
+    """``tests``, and ``deploy`` when ``requirements/deploy.txt`` exists."""
+    extras = {'tests': parse_requirements('tests')}
+    if osp.isfile(osp.join(ROOT, 'requirements', 'deploy.txt')):
+        extras['deploy'] = parse_requirements('deploy')
+    return extras
 
 
 def read_readme() -> str:
@@ -141,8 +163,8 @@ if __name__ == '__main__':
                 'csrc/*/*.cuh',
             ]
         },
-        install_requires=parse_requirements('runtime'),
-        extras_require={'tests': parse_requirements('tests')},
+        install_requires=get_install_requires(),
+        extras_require=get_extras_require(),
         ext_modules=get_extensions(),
         cmdclass={'build_ext': BuildExtension.with_options(no_python_abi_suffix=False)},
         zip_safe=False,

@@ -3,13 +3,17 @@
 #
 #   tools/setup_env.sh            # runtime + test requirements, builds mmdet_deform._C
 #
+# Every version comes from requirements/constraints.txt (the lock of the
+# development environment; every `pip install` here runs under it with `-c`),
+# while the package itself only states ranges (requirements/runtime.txt).
+#
 # Steps, each skipped when already done (a second run takes seconds):
-#   1. `.venv/` with python3.11 and torch==2.13.0 (the CPU build from local disk).
-#   2. mmcv 2.1.0 (with its compiled ops) and mmengine 0.10.7 wheels, built from
+#   1. `.venv/` with python3.11 and the pinned torch (the CPU build).
+#   2. the pinned mmcv (with its compiled ops) and mmengine wheels, built from
 #      source once in a throwaway build venv (mmcv's setup.py needs
-#      setuptools<70, torch 2.13 wants >=77) and cached in
+#      setuptools<70, recent torch wants >=77) and cached in
 #      ~/.cache/mmdet_deform/wheels (override with MMDET_DEFORM_CACHE).
-#   3. the rest of requirements/runtime.txt and requirements/tests.txt.
+#   3. requirements/{build,runtime,openmmlab,tests}.txt.
 #   4. `pip install --no-build-isolation -e .`, which compiles mmdet_deform._C;
 #      redone whenever setup.py or a file under mmdet_deform/ops/csrc changes.
 #
@@ -23,9 +27,12 @@ VENV="${MMDET_DEFORM_VENV:-$ROOT/.venv}"
 CACHE="${MMDET_DEFORM_CACHE:-$HOME/.cache/mmdet_deform}"
 WHEELS="$CACHE/wheels"
 PYTHON="${PYTHON:-python3.11}"
-TORCH_SPEC="torch==2.13.0"
-MMCV_VERSION="2.1.0"
-MMENGINE_VERSION="0.10.7"
+CONSTRAINTS="$ROOT/requirements/constraints.txt"
+# pinned version of a package in the constraints file
+pin_of() { sed -n -E "s/^$1==([^ #]+).*/\1/p" "$CONSTRAINTS"; }
+TORCH_VERSION="$(pin_of torch)"
+MMCV_VERSION="$(pin_of mmcv)"
+MMENGINE_VERSION="$(pin_of mmengine)"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
@@ -45,9 +52,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip)
-if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
-  log "installing $TORCH_SPEC (CPU build from local disk)"
-  "${PIP[@]}" install -q "$TORCH_SPEC"
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__ != '$TORCH_VERSION')" 2>/dev/null; then
+  log "installing torch $TORCH_VERSION"
+  "${PIP[@]}" install -q -c "$CONSTRAINTS" torch
   log "torch installed in $(( $(now) - t0 ))s"
 fi
 
@@ -63,10 +70,11 @@ if [ -z "$MMCV_WHEEL" ] || [ -z "$MMENGINE_WHEEL" ]; then
   log "creating a throwaway build venv in $BUILD_VENV (setuptools<70 for mmcv's setup.py)"
   "$PYTHON" -m venv "$BUILD_VENV"
   BPIP=("$BUILD_VENV/bin/python" -m pip)
-  "${BPIP[@]}" install -q "$TORCH_SPEC"
+  "${BPIP[@]}" install -q -c "$CONSTRAINTS" torch
   # torch declares setuptools>=77; the old one is needed only here, so the
   # conflict pip reports inside this throwaway venv is expected.
-  "${BPIP[@]}" install -q "setuptools<70" wheel ninja "numpy<2" "opencv-python-headless<4.11" 2>&1 \
+  "${BPIP[@]}" install -q --no-deps "setuptools<70"
+  "${BPIP[@]}" install -q -c "$CONSTRAINTS" wheel ninja numpy opencv-python-headless 2>&1 \
     | grep -v -E "dependency conflicts|requires setuptools" || true
   # cv2 importable at build time makes both setup.py files skip their
   # `opencv-python` requirement, so the runtime venv keeps the headless build.
@@ -76,7 +84,7 @@ if [ -z "$MMCV_WHEEL" ] || [ -z "$MMENGINE_WHEEL" ]; then
       -w "$WHEELS" "mmengine==$MMENGINE_VERSION"
   fi
   if [ -z "$MMCV_WHEEL" ]; then
-    log "building mmcv $MMCV_VERSION ops from source, ~10-15 min on 2 cores (cached afterwards in $WHEELS)"
+    log "building mmcv $MMCV_VERSION ops from source, the longest step (cached afterwards in $WHEELS)"
     MMCV_WITH_OPS=1 FORCE_CUDA=0 "${BPIP[@]}" wheel -q --no-build-isolation --no-deps \
       -w "$WHEELS" "mmcv==$MMCV_VERSION"
   fi
@@ -89,15 +97,16 @@ fi
 
 # --- 3. the other requirements ----------------------------------------------
 DEPS_STAMP="$VENV/.mmdet_deform_deps"
-deps_hash="$(hash_of "$ROOT/requirements/runtime.txt" "$ROOT/requirements/tests.txt" \
-  "$ROOT/requirements/build.txt")-$(basename "$MMCV_WHEEL")-$(basename "$MMENGINE_WHEEL")"
+deps_hash="$(hash_of "$ROOT"/requirements/{build,runtime,openmmlab,tests,constraints}.txt)"
+deps_hash="$deps_hash-$(basename "$MMCV_WHEEL")-$(basename "$MMENGINE_WHEEL")"
 if [ "$(cat "$DEPS_STAMP" 2>/dev/null)" != "$deps_hash" ]; then
   t2=$(now)
   log "installing runtime, build and test requirements"
-  "${PIP[@]}" install -q "opencv-python-headless<4.11" "numpy<2"
+  "${PIP[@]}" install -q -c "$CONSTRAINTS" opencv-python-headless numpy
   "${PIP[@]}" install -q --no-deps "$MMENGINE_WHEEL" "$MMCV_WHEEL"
-  "${PIP[@]}" install -q -r "$ROOT/requirements/build.txt" \
-    -r "$ROOT/requirements/runtime.txt" -r "$ROOT/requirements/tests.txt"
+  "${PIP[@]}" install -q -c "$CONSTRAINTS" -r "$ROOT/requirements/build.txt" \
+    -r "$ROOT/requirements/runtime.txt" -r "$ROOT/requirements/openmmlab.txt" \
+    -r "$ROOT/requirements/tests.txt"
   "${PIP[@]}" check
   echo "$deps_hash" >"$DEPS_STAMP"
   log "requirements installed in $(( $(now) - t2 ))s"

@@ -10,8 +10,8 @@ Layout under the dataset root (``data/shapes/`` by default)::
 
 Every image is rendered from its own random generator seeded with
 ``(seed, split, index)`` (:func:`image_rng`), so a split is a pure function of
-its parameters. Rendering runs in the calling process (about 10 ms an image
-on one core): a process pool would have to fork a process that may hold
+its parameters. Rendering runs in the calling process (generating the default
+dataset takes seconds, see README): a process pool would have to fork a process that may hold
 torch/OpenCV thread pools (a known deadlock) or spawn fresh interpreters that
 re-import torch, which costs about as much as it saves on a 2-core machine.
 

@@ -1,13 +1,13 @@
 """Dropout with a counter-based mask, fast on the CPU.
 
 ATen's CPU dropout draws its mask element by element from one Mersenne
-Twister stream (``bernoulli_``, serial, ~10-15 ns per element): in a
+Twister stream (``bernoulli_``, serially): in a
 Deformable DETR training step on the CPU, the 48 dropouts over the encoder's
 (tokens, 1024) FFN activations cost more than the deformable attention. The
 op here decides each element with a hash of (seed, element index)
 (splitmix64; see ``csrc/cpu/dropout_cpu.cpp``), which all threads evaluate at
-once at ~3 ns per element, and keeps a bool mask (1 byte per element rather
-than ATen's float noise) for the backward.
+once, and keeps a bool mask (1 byte per element rather than ATen's float
+noise) for the backward. Timings: ``docs/benchmarks.md``, "Dropout (CPU)".
 
 In the order every op file of this package follows:
 

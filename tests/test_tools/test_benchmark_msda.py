@@ -32,7 +32,7 @@ def test_encoder_inputs_follow_the_workload(repo_root):
     value, shapes, starts, loc, weights = bench.make_inputs(
         'encoder', torch.float32, 'cpu', 'reference', 0
     )
-    # the issue says 7,134; the four levels hold 5376 + 1344 + 336 + 88 = 7,144 keys
+    # a 512 x 672 image at strides 8-64: 5376 + 1344 + 336 + 88 = 7,144 keys
     assert value.shape == (2, 7144, 8, 32)
     assert shapes.tolist() == [[64, 84], [32, 42], [16, 21], [8, 11]]
     assert starts.tolist() == [0, 5376, 6720, 7056]

@@ -1,20 +1,23 @@
-"""tools/analysis_tools/benchmark_train_step.py runs both models side by side
-and reports every step."""
+"""tools/analysis_tools/benchmark_train_step.py runs ours and mmdet's model
+side by side and reports every step (default mode), or times several configs
+side by side (``--configs``)."""
 
-import importlib.util
 import os.path as osp
 
 import pytest
 
 from ..conftest import REPO_ROOT
+from .conftest import load_tool as load_tool_at
+from .conftest import smoke_options
+
+CONFIGS = [
+    osp.join('configs', 'deformable_detr', 'two_stage_shapes.py'),
+    osp.join('configs', 'detr', 'detr_shapes.py'),
+]
 
 
 def load_tool():
-    path = osp.join(REPO_ROOT, 'tools', 'analysis_tools', 'benchmark_train_step.py')
-    spec = importlib.util.spec_from_file_location('benchmark_train_step', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool_at('tools/analysis_tools/benchmark_train_step.py')
 
 
 @pytest.mark.slow
@@ -51,3 +54,46 @@ def test_benchmark_rejects_bad_arguments():
     tool = load_tool()
     with pytest.raises(SystemExit):
         tool.parse_args(['--iters', '0'])
+    with pytest.raises(SystemExit):
+        tool.parse_args(['--configs', 'x.py', '--iters', '0'])
+
+
+def test_mode_defaults():
+    tool = load_tool()
+    args = tool.parse_args([])
+    assert args.configs is None
+    assert (args.iters, args.warmup) == (3, 1)
+    assert (args.batch_size, list(args.shape)) == (2, [512, 672])
+    assert args.mmdet_config == tool.MMDET_CONFIG
+    assert not args.skip_train and not args.skip_inference
+    args = tool.parse_args(['--configs', 'a.py', 'b.py'])
+    assert args.configs == ['a.py', 'b.py']
+    assert (args.iters, args.warmup) == (10, 2)
+
+
+@pytest.mark.parametrize(
+    'option',
+    [['--skip-train'], ['--batch-size', '4'], ['--mmdet-config', 'x.py'], ['--config', 'y.py']],
+)
+def test_configs_mode_rejects_options_of_the_comparison(option, capsys):
+    tool = load_tool()
+    with pytest.raises(SystemExit):
+        tool.parse_args(['--configs', 'a.py', *option])
+    assert f'{option[0]} only apply without --configs' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_configs_mode_times_each_config(shapes_root, capsys, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    tool = load_tool()
+    medians = tool.main(
+        ['--configs', *CONFIGS, '--iters', '2', '--warmup', '0']
+        + ['--cfg-options', *smoke_options(shapes_root)]
+    )
+    assert list(medians) == CONFIGS and all(m > 0 for m in medians.values())
+    out = capsys.readouterr().out
+    assert '| config | step (s) | epoch (min) | step / first |' in out
+    for config in CONFIGS:
+        assert f'| {config} |' in out
+    assert f'| {CONFIGS[0]} | {medians[CONFIGS[0]]:.3f} |' in out
+    assert out.count(' | 1.00 |') >= 1  # the first config against itself

@@ -47,8 +47,8 @@ Example (the command recorded in ``docs/benchmarks.md``)::
 
     OMP_NUM_THREADS=2 python tools/analysis_tools/benchmark_msda.py --impls ours mmcv_grid_sample
 
-(the reference, about 100x slower than ours at the encoder workload, is
-timed there in a separate run with ``--repeat 1 --warmup 0 --no-memory``).
+(the reference, much slower than ours at the encoder workload, is timed
+there in a separate run with ``--repeat 1 --warmup 0 --no-memory``).
 """
 
 import argparse

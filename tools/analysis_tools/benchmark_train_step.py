@@ -1,6 +1,7 @@
-"""Time a training step and an inference pass of our Deformable DETR against
-mmdet 3.3's, side by side, with the same weights.
+"""Time training steps side by side, in one of two modes.
 
+**Ours against mmdet 3.3** (the default): a training step and an inference
+pass of our Deformable DETR against mmdet 3.3's, with the same weights.
 Both models are built by ``mmdet.apis.init_detector`` (ours from our config,
 mmdet's from its packaged config), mmdet's weights are loaded into ours, and
 each model trains with the optimizer wrapper of its own config (AdamW,
@@ -11,20 +12,30 @@ predict, post-process) on one image. The two models run alternately, so a
 change in machine load hits both. Prints the median times and mmdet / ours
 ratios, on the CPU and, when present, on CUDA. Every iteration's line also
 shows the system time and minor page faults of the step (the allocator's
-share, which differs between a fresh process and one that has trained).
-
-Example::
+share, which differs between a fresh process and one that has trained)::
 
     python tools/analysis_tools/benchmark_train_step.py --threads 2
+
+**Several configs** (``--configs A B ...``): the training step of each
+config on real batches. Each config is built as ``tools/train.py`` builds it
+(its model, its ``optim_wrapper``, its train dataloader, so the same images,
+pipeline and batch size), then the configs take turns, one training step
+each, so a change in machine load hits all of them. Prints the median step
+time of each, the time of one epoch at that speed and the ratio to the first
+config::
+
+    python tools/analysis_tools/benchmark_train_step.py --configs CONFIG [CONFIG ...] \\
+        [--iters 10] [--warmup 2] [--threads 2] [--cfg-options KEY=VALUE ...]
 """
 
 import argparse
 import logging
 import os.path as osp
 import statistics
+import tempfile
 import time
 import warnings
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from mmdet.structures import DetDataSample
@@ -36,18 +47,49 @@ OUR_CONFIG = osp.join(REPO_ROOT, 'configs', 'deformable_detr', 'two_stage_r50.py
 MMDET_CONFIG = 'deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_coco.py'
 
 
+# Defaults of (--iters, --warmup) in each mode.
+COMPARE_ITERS = (3, 1)
+CONFIGS_ITERS = (10, 2)
+# Options of the comparison with mmdet only (None unless given).
+COMPARE_ONLY = ('mmdet_config', 'batch_size', 'shape', 'devices', 'skip_train', 'skip_inference')
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        '--configs',
+        nargs='+',
+        default=None,
+        metavar='CONFIG',
+        help='time the training step of these configs side by side (instead of ours vs mmdet)',
+    )
     parser.add_argument('--config', default=OUR_CONFIG, help='our config')
     parser.add_argument(
         '--mmdet-config',
-        default=MMDET_CONFIG,
-        help="mmdet's config, relative to mmdet's packaged configs or a path",
+        default=None,
+        help="mmdet's config, relative to mmdet's packaged configs or a path "
+        f'(default: {MMDET_CONFIG})',
     )
-    parser.add_argument('--batch-size', type=int, default=2, help='training batch size')
-    parser.add_argument('--shape', type=int, nargs=2, default=(512, 672), metavar=('H', 'W'))
-    parser.add_argument('--iters', type=int, default=3, help='timed iterations per model')
-    parser.add_argument('--warmup', type=int, default=1, help='untimed iterations per model')
+    parser.add_argument('--batch-size', type=int, default=None, help='training batch size (2)')
+    parser.add_argument(
+        '--shape', type=int, nargs=2, default=None, metavar=('H', 'W'), help='(512, 672)'
+    )
+    parser.add_argument(
+        '--iters',
+        type=int,
+        default=None,
+        help=f'timed iterations per model or config (default {COMPARE_ITERS[0]}, '
+        f'{CONFIGS_ITERS[0]} with --configs)',
+    )
+    parser.add_argument(
+        '--warmup',
+        type=int,
+        default=None,
+        help=f'untimed iterations per model or config (default {COMPARE_ITERS[1]}, '
+        f'{CONFIGS_ITERS[1]} with --configs)',
+    )
     parser.add_argument('--devices', nargs='+', default=None, help='default: cpu (+ cuda)')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument(
@@ -55,11 +97,35 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         nargs='+',
         action=DictAction,
         default={},
-        help='overrides applied to both configs, e.g. model.backbone.depth=18',
+        help='overrides applied to every config, e.g. model.backbone.depth=18',
     )
-    parser.add_argument('--skip-train', action='store_true', help='time inference only')
-    parser.add_argument('--skip-inference', action='store_true', help='time training only')
+    parser.add_argument(
+        '--skip-train', action='store_true', default=None, help='time inference only'
+    )
+    parser.add_argument(
+        '--skip-inference', action='store_true', default=None, help='time training only'
+    )
     args = parser.parse_args(argv)
+    if args.configs is not None:
+        given = [name for name in COMPARE_ONLY if getattr(args, name) is not None]
+        if args.config != OUR_CONFIG:
+            given.insert(0, 'config')
+        if given:
+            options = ', '.join('--' + name.replace('_', '-') for name in given)
+            parser.error(f'{options} only apply without --configs (ours vs mmdet)')
+    defaults = CONFIGS_ITERS if args.configs is not None else COMPARE_ITERS
+    for name, default in zip(('iters', 'warmup'), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    for name, default in (
+        ('mmdet_config', MMDET_CONFIG),
+        ('batch_size', 2),
+        ('shape', [512, 672]),
+        ('skip_train', False),
+        ('skip_inference', False),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     for name in ('batch_size', 'iters'):
         if getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
@@ -187,11 +253,11 @@ def kernel_usage() -> Tuple[float, int]:
 def time_alternately(
     models: Dict, step: Callable, args: argparse.Namespace, label: str, device: str
 ) -> List[Row]:
-    """Run ``step(name)`` for mmdet and ours in turn; median (wall, cpu) of
-    every phase after the warm-up."""
+    """Run ``step(name)`` for the two ``models`` in turn (mmdet and ours);
+    median (wall, cpu) of every phase after the warm-up, in their order."""
     samples = {name: {} for name in models}
     for it in range(args.warmup + args.iters):
-        for name in ('mmdet', 'ours'):  # alternate: load changes hit both
+        for name in models:  # alternate: load changes hit both
             before = kernel_usage()
             phases = step(name)
             system, faults = (b - a for a, b in zip(before, kernel_usage()))
@@ -205,12 +271,12 @@ def time_alternately(
                 for phase, value in phases.items():
                     samples[name].setdefault(phase, []).append(value)
     rows = []
-    for phase in samples['ours']:
+    for phase in samples[list(models)[-1]]:
         med = {
             name: tuple(statistics.median(v[i] for v in samples[name][phase]) for i in (0, 1))
             for name in models
         }
-        rows.append((phase, med['mmdet'], med['ours']))
+        rows.append((phase, *med.values()))
     return rows
 
 
@@ -242,14 +308,79 @@ def run_device(args: argparse.Namespace, device: str) -> List[Row]:
     return rows
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, List[Row]]:
-    """Run the benchmark; returns the rows of every device."""
+class ConfigStepTimer:
+    """One config's model, optimizer wrapper and a fixed list of real batches
+    (``--configs`` mode)."""
+
+    def __init__(
+        self, config: str, num_batches: int, cfg_options: Optional[dict], work_dir: str
+    ) -> None:
+        from mmengine.optim import build_optim_wrapper
+
+        from mmdet_deform.utils import build_runner, load_config
+
+        cfg = load_config(config, cfg_options, work_dir=work_dir)
+        cfg.train_dataloader.num_workers = 0  # batches are drawn up front, not timed
+        cfg.train_dataloader.persistent_workers = False
+        cfg.log_level = 'WARNING'
+        runner = build_runner(cfg)
+        self.name = config
+        self.model = runner.model
+        self.model.train()
+        self.optim_wrapper = build_optim_wrapper(self.model, cfg.optim_wrapper)
+        loader = runner.build_dataloader(cfg.train_dataloader)
+        self.epoch_iters = len(loader)
+        batches = iter(loader)
+        self.batches = [next(batches) for _ in range(num_batches)]
+        self.times: List[float] = []
+
+    def step(self, index: int, record: bool) -> None:
+        start = time.perf_counter()
+        data = self.model.data_preprocessor(self.batches[index], True)
+        losses, _ = self.model.parse_losses(self.model(**data, mode='loss'))
+        self.optim_wrapper.update_params(losses)
+        if record:
+            self.times.append(time.perf_counter() - start)
+
+
+def run_configs(args: argparse.Namespace) -> Dict[str, float]:
+    """``--configs`` mode: median training-step seconds of every config."""
+    from mmengine.logging import MMLogger
+
+    MMLogger.get_current_instance().setLevel(logging.WARNING)
+    num_steps = args.warmup + args.iters
+    with tempfile.TemporaryDirectory(prefix='benchmark_train_step_') as work_dir:
+        timers = [
+            ConfigStepTimer(config, num_steps, args.cfg_options, osp.join(work_dir, str(i)))
+            for i, config in enumerate(args.configs)
+        ]
+        for i in range(num_steps):
+            for timer in timers:  # take turns: load changes hit every config
+                timer.step(i, record=i >= args.warmup)
+    medians = {timer.name: statistics.median(timer.times) for timer in timers}
+    first = medians[timers[0].name]
+    print(f'{torch.get_num_threads()} threads, median of {args.iters} steps after {args.warmup}')
+    print('| config | step (s) | epoch (min) | step / first |')
+    print('| --- | --- | --- | --- |')
+    for timer in timers:
+        median = medians[timer.name]
+        epoch_min = median * timer.epoch_iters / 60
+        print(f'| {timer.name} | {median:.3f} | {epoch_min:.1f} | {median / first:.2f} |')
+    return medians
+
+
+def main(argv: Optional[List[str]] = None) -> Union[Dict[str, List[Row]], Dict[str, float]]:
+    """Run the benchmark; returns the rows of every device, or with
+    ``--configs`` the median step seconds of every config."""
     args = parse_args(argv)
     warnings.filterwarnings('ignore', message='torch.meshgrid')  # mmdet's encoder
     warnings.filterwarnings('ignore', message='.*checkpoint is None')
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     import mmdet_deform  # noqa: F401  (registers our classes)
+
+    if args.configs is not None:
+        return run_configs(args)
 
     devices = args.devices or ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
     h, w = args.shape

@@ -3,9 +3,9 @@
 // backwards).
 //
 // ATen's CPU dropout draws its mask with bernoulli_, one element at a time
-// from a single Mersenne-Twister stream (~10 ns per element on this
-// machine's cores, serial): the deformable transformer's dropouts over the
-// (tokens, 1024) FFN activations then cost more than its attention op.
+// from a single Mersenne-Twister stream (serial): the deformable
+// transformer's dropouts over the (tokens, 1024) FFN activations then cost
+// more than its attention op (docs/benchmarks.md, "Dropout (CPU)").
 // Here the keep bit of element i is a pure function of (seed, i): the
 // splitmix64 finaliser of seed + (i / 2 + 1) * golden-ratio gives 64 random
 // bits for the pair (2k, 2k + 1), the low 32 bits deciding element 2k and

@@ -43,7 +43,7 @@
 //     contributions, each with a key (int32, or int64 when there are more
 //     than 2^31 value rows) and a coefficient (float32; float64 for float64
 //     inputs), plus the sort's output keys and int64 permutation: about
-//     24 bytes per contribution (0.7 GB at bs 8 with 7,134 queries, 8 heads,
+//     24 bytes per contribution (0.7 GB at bs 8 with 7,144 queries, 8 heads,
 //     4 levels and 4 points), and the time of a radix sort of that many keys.
 #pragma once
 

@@ -7,13 +7,17 @@ dims split into several chunks, border / outside / non-finite locations and
 empty inputs. Checks results against the float64 reference loosely (the test
 suite checks them tightly) and exits non-zero on a mismatch.
 
-Usage:
+Usage (``dev/cuda_check.sh sanitize`` runs it under all three tools)::
+
     compute-sanitizer --tool memcheck --error-exitcode 1 \\
-        python tools/analysis_tools/msda_cuda_smoke.py
+        python dev/msda_cuda_smoke.py
+
+``--device cpu`` runs the same cases (without float16) on the CPU kernel.
 """
 
 import argparse
 import sys
+from typing import List, Optional
 
 import torch
 
@@ -66,10 +70,10 @@ def check(name, actual, expected, tol):
     return ok
 
 
-def main() -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', default='cuda')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     on_cuda = args.device.startswith('cuda')
     assert not on_cuda or has_cuda_kernel(), 'mmdet_deform._C was built without its CUDA kernel'
     backward = torch.ops.mmdet_deform._ms_deform_attn_backward
