@@ -41,6 +41,7 @@ def test_benchmark_times_both_models(capsys):
         'clip + AdamW step (batch 2)',
         'train step (batch 2)',
         'inference (1 image)',
+        'inference, optimize_for_inference (1 image)',
     }
     for what, (mmdet, ours) in rows.items():
         for wall, cpu in (mmdet, ours):
