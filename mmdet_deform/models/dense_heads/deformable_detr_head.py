@@ -313,9 +313,39 @@ class DeformableDETRHead(BaseModule):
             tuple[Tensor, Tensor, Tensor]: ``loss_cls``, ``loss_bbox``,
             ``loss_iou``.
         """
-        labels, label_weights, bbox_targets, bbox_weights, num_pos = self.get_targets(
-            cls_scores, bbox_preds, batch_gt_instances, batch_img_metas
-        )
+        targets = self.get_targets(cls_scores, bbox_preds, batch_gt_instances, batch_img_metas)
+        return self.loss_from_targets(cls_scores, bbox_preds, *targets, batch_img_metas)
+
+    def loss_from_targets(
+        self,
+        cls_scores: Tensor,
+        bbox_preds: Tensor,
+        labels: Tensor,
+        label_weights: Tensor,
+        bbox_targets: Tensor,
+        bbox_weights: Tensor,
+        num_pos: int,
+        batch_img_metas: List[dict],
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Classification, L1 and IoU losses of predictions with known
+        targets (see :meth:`get_targets`), normalised by ``num_pos``.
+
+        Args:
+            cls_scores (Tensor): Logits, has shape (bs, num_queries,
+                cls_out_channels).
+            bbox_preds (Tensor): Normalised (cx, cy, w, h), has shape
+                (bs, num_queries, 4).
+            labels (Tensor): has shape (bs*num_queries,).
+            label_weights (Tensor): has shape (bs*num_queries,).
+            bbox_targets (Tensor): has shape (bs*num_queries, 4).
+            bbox_weights (Tensor): has shape (bs*num_queries, 4).
+            num_pos (int): Number of positive queries.
+            batch_img_metas (list[dict]): Meta information per image.
+
+        Returns:
+            tuple[Tensor, Tensor, Tensor]: ``loss_cls``, ``loss_bbox``,
+            ``loss_iou``.
+        """
         # (bs, nq, c) -> (bs*nq, c)
         cls_scores = cls_scores.reshape(-1, self.cls_out_channels)
         cls_avg_factor = cls_scores.new_tensor([float(num_pos)])

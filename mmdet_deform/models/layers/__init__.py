@@ -4,10 +4,13 @@ from mmdet_deform.ops import MultiScaleDeformableAttention
 from mmdet_deform.registry import MODELS
 
 from .transformer import (
+    CdnQueryGenerator,
     DeformableDetrTransformerDecoder,
     DeformableDetrTransformerDecoderLayer,
     DeformableDetrTransformerEncoder,
     DeformableDetrTransformerEncoderLayer,
+    DinoTransformerDecoder,
+    get_dn_attn_mask,
     get_encoder_proposals,
     get_encoder_reference_points,
     get_padding_masks,
@@ -20,11 +23,14 @@ from .transformer import (
 MODELS.register_module(module=MultiScaleDeformableAttention)
 
 __all__ = [
+    'CdnQueryGenerator',
     'DeformableDetrTransformerDecoder',
     'DeformableDetrTransformerDecoderLayer',
     'DeformableDetrTransformerEncoder',
     'DeformableDetrTransformerEncoderLayer',
+    'DinoTransformerDecoder',
     'MultiScaleDeformableAttention',
+    'get_dn_attn_mask',
     'get_encoder_proposals',
     'get_encoder_reference_points',
     'get_padding_masks',
