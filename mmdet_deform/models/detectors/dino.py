@@ -70,6 +70,11 @@ class DINO(DeformableDETR):
                 'DINO selects its reference boxes from the encoder (mixed query selection): '
                 'as_two_stage must be True, got False'
             )
+        if kwargs.get('num_queries_one2many', 0):
+            raise ValueError(
+                'num_queries_one2many (hybrid matching) is not supported by DINO (its query '
+                'selection and dn_cfg do not handle a one-to-many group); set it to 0'
+            )
         if look_forward_twice and not kwargs['with_box_refine']:
             raise ValueError(
                 'look_forward_twice=True needs with_box_refine=True (there are no refined '

@@ -371,6 +371,7 @@ class DeformableDetrTransformerDecoder(BaseModule):
         level_start_index: Tensor,
         valid_ratios: Tensor,
         reg_branches: Optional[List[nn.Module]] = None,
+        self_attn_mask: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
         """Decode the queries.
 
@@ -395,6 +396,9 @@ class DeformableDetrTransformerDecoder(BaseModule):
                 per layer, mapping queries to (cx, cy, w, h) offsets in logit
                 space; given, the references are refined after every layer
                 (and detached, as in the paper). Defaults to None.
+            self_attn_mask (Tensor, optional): bool, True where a query may
+                not attend to another (hybrid queries), has shape
+                (num_queries, num_queries). Defaults to None.
 
         Returns:
             tuple[Tensor, Tensor]:
@@ -434,6 +438,7 @@ class DeformableDetrTransformerDecoder(BaseModule):
                 reference_points=level_references,
                 spatial_shapes=spatial_shapes,
                 level_start_index=level_start_index,
+                self_attn_mask=self_attn_mask,
             )
             if reg_branches is not None:
                 # the next layer starts from the refined boxes, without gradient (paper)
