@@ -162,11 +162,7 @@ class DeformableDETR(DetectionTransformer):
     def _init_layers(self) -> None:
         """Build the transformer and the embeddings (everything but the
         backbone, neck and head, built by the base class)."""
-        if self.channels_last:
-            # conv weights too: loading a state dict copies into them, keeping the layout
-            self.backbone.to(memory_format=torch.channels_last)
-            if self.with_neck:
-                self.neck.to(memory_format=torch.channels_last)
+        self._backbone_to_channels_last()
         self.positional_encoding = SinePositionalEncoding(**self.positional_encoding)
         self.encoder = DeformableDetrTransformerEncoder(**self.encoder)
         self.decoder = DeformableDetrTransformerDecoder(**self.decoder)
@@ -188,6 +184,15 @@ class DeformableDETR(DetectionTransformer):
             self.pos_trans_norm = nn.LayerNorm(self.embed_dims * 2)
         else:
             self.reference_points_fc = nn.Linear(self.embed_dims, 2)
+
+    def _backbone_to_channels_last(self) -> None:
+        """With ``channels_last``, store the backbone and neck weights
+        channels-last (loading a state dict copies into them, keeping the
+        layout)."""
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+            if self.with_neck:
+                self.neck.to(memory_format=torch.channels_last)
 
     def _check_dims(self) -> None:
         """Raise a ValueError naming the config entry whose sizes disagree."""

@@ -113,10 +113,7 @@ class DINO(DeformableDETR):
         decoder, the content queries, the level embedding and the proposal
         projection (no positional-query projection: the decoder embeds its
         boxes)."""
-        if self.channels_last:
-            self.backbone.to(memory_format=torch.channels_last)
-            if self.with_neck:
-                self.neck.to(memory_format=torch.channels_last)
+        self._backbone_to_channels_last()
         self.positional_encoding = SinePositionalEncoding(**self.positional_encoding)
         self.encoder = DeformableDetrTransformerEncoder(**self.encoder)
         self.decoder = DinoTransformerDecoder(**self.decoder)
