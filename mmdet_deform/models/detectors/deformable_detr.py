@@ -64,6 +64,12 @@ class DeformableDETR(DetectionTransformer):
             top-scoring proposals instead of learnt queries. Defaults to
             False.
         num_feature_levels (int): Number of feature levels. Defaults to 4.
+        look_forward_twice (bool): With ``with_box_refine``, predict every
+            layer's boxes from the previous layer's refined boxes *with* their
+            gradient (DINO, section 3.5); the next layer still gets them
+            detached. Defaults to False.
+        dn_cfg (dict, optional): Must be None: contrastive denoising needs
+            DINO's decoder (``type='mmdet_deform.DINO'``). Defaults to None.
         num_queries_one2many (int): Hybrid matching (H-DETR): extra decoder
             queries trained with one-to-many matching, hidden from the
             ``num_queries`` one-to-one queries in self-attention and dropped
@@ -96,6 +102,8 @@ class DeformableDETR(DetectionTransformer):
         with_box_refine: bool = False,
         as_two_stage: bool = False,
         num_feature_levels: int = 4,
+        look_forward_twice: bool = False,
+        dn_cfg: OptConfigType = None,
         num_queries_one2many: int = 0,
         k_one2many: int = 6,
         lambda_one2many: float = 1.0,
@@ -113,6 +121,23 @@ class DeformableDETR(DetectionTransformer):
         ):
             if cfg is None:
                 raise ValueError(f'{name} config is required')
+        if dn_cfg is not None:
+            raise ValueError(
+                f"dn_cfg (contrastive denoising) needs DINO's decoder, not {type(self).__name__}: "
+                "use type='mmdet_deform.DINO' (configs/dino/)"
+            )
+        if look_forward_twice and not with_box_refine:
+            raise ValueError(
+                'look_forward_twice=True needs with_box_refine=True (there are no refined '
+                'boxes to look forward to); set look_forward_twice=False or with_box_refine=True'
+            )
+        decoder = copy.deepcopy(decoder)
+        if 'look_forward_twice' in decoder:
+            raise ValueError(
+                "decoder.look_forward_twice is set from the model's look_forward_twice; "
+                'remove it from the decoder config'
+            )
+        decoder['look_forward_twice'] = look_forward_twice
         if num_queries_one2many < 0:
             raise ValueError(f'num_queries_one2many must be >= 0, got {num_queries_one2many}')
         if k_one2many < 1:
@@ -138,6 +163,7 @@ class DeformableDETR(DetectionTransformer):
         bbox_head['as_two_stage'] = as_two_stage
         bbox_head['k_one2many'] = k_one2many
         bbox_head['lambda_one2many'] = lambda_one2many
+        self.look_forward_twice = look_forward_twice
         self.num_queries_one2many = num_queries_one2many
         self.k_one2many = k_one2many
         self.lambda_one2many = lambda_one2many

@@ -52,19 +52,16 @@ class DINO(DeformableDETR):
             ``num_classes``, ``embed_dims`` and ``num_matching_queries`` are
             set here and must not be given. None turns denoising off.
             Defaults to None.
-        look_forward_twice (bool): Predict every layer's boxes from the
-            previous layer's refined boxes with their gradient. Needs
-            ``with_box_refine``. Defaults to True.
-        **kwargs: :class:`DeformableDETR` arguments; ``with_box_refine``
-            and ``as_two_stage`` default to True here, and ``as_two_stage``
-            must be True (DINO's queries come from mixed query selection).
+        **kwargs: :class:`DeformableDETR` arguments; ``with_box_refine``,
+            ``as_two_stage`` and ``look_forward_twice`` default to True here,
+            ``as_two_stage`` must be True (DINO's queries come from mixed
+            query selection) and ``num_queries_one2many`` 0.
     """
 
-    def __init__(
-        self, *args, dn_cfg: OptConfigType = None, look_forward_twice: bool = True, **kwargs
-    ) -> None:
+    def __init__(self, *args, dn_cfg: OptConfigType = None, **kwargs) -> None:
         kwargs.setdefault('with_box_refine', True)
         kwargs.setdefault('as_two_stage', True)
+        kwargs.setdefault('look_forward_twice', True)
         if not kwargs['as_two_stage']:
             raise ValueError(
                 'DINO selects its reference boxes from the encoder (mixed query selection): '
@@ -75,20 +72,6 @@ class DINO(DeformableDETR):
                 'num_queries_one2many (hybrid matching) is not supported by DINO (its query '
                 'selection and dn_cfg do not handle a one-to-many group); set it to 0'
             )
-        if look_forward_twice and not kwargs['with_box_refine']:
-            raise ValueError(
-                'look_forward_twice=True needs with_box_refine=True (there are no refined '
-                'boxes to look forward to); set look_forward_twice=False or with_box_refine=True'
-            )
-        decoder = copy.deepcopy(kwargs.get('decoder'))
-        if decoder is not None:
-            if 'look_forward_twice' in decoder:
-                raise ValueError(
-                    'decoder.look_forward_twice is set by DINO from look_forward_twice; '
-                    'remove it from the decoder config'
-                )
-            decoder['look_forward_twice'] = look_forward_twice
-            kwargs['decoder'] = decoder
         if dn_cfg is not None:
             dn_cfg = copy.deepcopy(dict(dn_cfg))
             for key in ('num_classes', 'embed_dims', 'num_matching_queries'):
@@ -97,7 +80,6 @@ class DINO(DeformableDETR):
                         f'dn_cfg.{key} is set by DINO (from bbox_head.num_classes, the '
                         f'embed_dims and num_queries); remove it from dn_cfg'
                     )
-        self.look_forward_twice = look_forward_twice
         super().__init__(*args, **kwargs)
         self.with_denoising = dn_cfg is not None
         if self.with_denoising:

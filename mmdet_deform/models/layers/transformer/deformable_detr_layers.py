@@ -332,6 +332,10 @@ class DeformableDetrTransformerDecoder(BaseModule):
         return_intermediate (bool): Return the queries and references after
             every layer (for the auxiliary losses) rather than only after the
             last. Defaults to True.
+        look_forward_twice (bool): Return the refined references with their
+            gradient (DINO's look forward twice); the next layer gets them
+            detached either way. Only has an effect with ``reg_branches``.
+            Defaults to False.
         init_cfg (dict, optional): Initialisation config. Defaults to None.
     """
 
@@ -341,6 +345,7 @@ class DeformableDetrTransformerDecoder(BaseModule):
         layer_cfg: ConfigType,
         post_norm_cfg: OptConfigType = None,
         return_intermediate: bool = True,
+        look_forward_twice: bool = False,
         init_cfg: OptMultiConfig = None,
     ) -> None:
         super().__init__(init_cfg=init_cfg)
@@ -355,6 +360,7 @@ class DeformableDetrTransformerDecoder(BaseModule):
         self.layer_cfg = layer_cfg
         self.post_norm_cfg = post_norm_cfg
         self.return_intermediate = return_intermediate
+        self.look_forward_twice = look_forward_twice
         self.layers = ModuleList(
             [DeformableDetrTransformerDecoderLayer(**layer_cfg) for _ in range(num_layers)]
         )
@@ -408,7 +414,8 @@ class DeformableDetrTransformerDecoder(BaseModule):
               without ``return_intermediate``.
             - references: references after every layer, has shape
               (num_layers, bs, num_queries, 2 or 4), or (1, ...) without
-              ``return_intermediate``.
+              ``return_intermediate``; with their gradient when
+              ``look_forward_twice``.
         """
         if reference_points.shape[-1] not in (2, 4):
             raise ValueError(
@@ -440,13 +447,14 @@ class DeformableDetrTransformerDecoder(BaseModule):
                 level_start_index=level_start_index,
                 self_attn_mask=self_attn_mask,
             )
+            refined = reference_points
             if reg_branches is not None:
                 # the next layer starts from the refined boxes, without gradient (paper)
-                deltas = reg_branches[i](query)
-                reference_points = apply_box_deltas(reference_points, deltas).sigmoid().detach()
+                refined = apply_box_deltas(reference_points, reg_branches[i](query)).sigmoid()
+                reference_points = refined.detach()
             if self.return_intermediate:
                 hidden_states.append(query)
-                references.append(reference_points)
+                references.append(refined if self.look_forward_twice else reference_points)
         if self.return_intermediate:
             return torch.stack(hidden_states), torch.stack(references)
         return query[None], reference_points[None]

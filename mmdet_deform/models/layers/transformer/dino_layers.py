@@ -59,9 +59,9 @@ class DinoTransformerDecoder(DeformableDetrTransformerDecoder):
             layer_cfg=layer_cfg,
             post_norm_cfg=post_norm_cfg,
             return_intermediate=return_intermediate,
+            look_forward_twice=look_forward_twice,
             init_cfg=init_cfg,
         )
-        self.look_forward_twice = look_forward_twice
         if self.embed_dims % 2:
             raise ValueError(f'decoder embed_dims must be even, got {self.embed_dims}')
         # sine embedding of (cx, cy, w, h): 4 * embed_dims / 2 channels
