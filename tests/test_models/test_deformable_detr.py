@@ -346,3 +346,43 @@ def test_autocast_keeps_sampling_locations_in_float32(monkeypatch):
     for outputs, bound in ((memories, 0.5), (queries, 0.8)):
         errors = [(x - outputs[0]).abs().mean().item() for x in outputs[1:]]
         assert errors[0] < bound * errors[1], errors
+
+
+def test_look_forward_twice_changes_gradients_not_losses():
+    """With refinement, look forward twice returns the refined references with
+    their gradient: the same losses, and the last layer's box losses now reach
+    the first layer's regression branch."""
+    inputs, samples = make_batch(num_classes=10, dtype=torch.float32)
+    grads, all_losses = [], []
+    for flag in (False, True):
+        cfg = small_model_cfg('refine')
+        cfg.look_forward_twice = flag
+        torch.manual_seed(0)
+        model = MODELS.build(cfg)
+        model.init_weights()
+        assert model.decoder.look_forward_twice is flag
+        model.train()
+        losses = model.loss(inputs, [s.clone() for s in samples])
+        all_losses.append(losses)
+        (losses['loss_bbox'] + losses['loss_iou']).backward()
+        grad = model.bbox_head.reg_branches[0][-1].weight.grad
+        grads.append(0.0 if grad is None else grad.abs().sum().item())
+    for name, value in all_losses[0].items():
+        assert torch.allclose(value, all_losses[1][name], atol=1e-6), name
+    assert grads[0] == 0 and grads[1] > 0
+
+
+@pytest.mark.parametrize(
+    'variant, key, value, names',
+    [
+        ('plain', 'look_forward_twice', True, ('look_forward_twice', 'with_box_refine')),
+        ('refine', 'dn_cfg', dict(label_noise_scale=0.5), ('dn_cfg', 'mmdet_deform.DINO')),
+    ],
+)
+def test_switch_without_its_variant_raises_naming_both(variant, key, value, names):
+    cfg = small_model_cfg(variant)
+    cfg[key] = value
+    with pytest.raises(ValueError) as error:
+        MODELS.build(cfg)
+    for name in names:
+        assert name in str(error.value), (name, str(error.value))

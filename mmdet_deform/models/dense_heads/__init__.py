@@ -1,5 +1,6 @@
 """Dense heads of mmdet_deform."""
 
 from .deformable_detr_head import DeformableDETRHead
+from .dino_head import DINOHead
 
-__all__ = ['DeformableDETRHead']
+__all__ = ['DINOHead', 'DeformableDETRHead']

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from mmdet_deform.registry import MODELS
 
 from ..layers.transformer import apply_box_deltas
+from ..task_modules import OneToManyAssigner
 
 __all__ = ['DeformableDETRHead']
 
@@ -72,6 +73,10 @@ class DeformableDETRHead(BaseModule):
             one in two-stage mode. Set by the detector. Defaults to 6.
         as_two_stage (bool): Whether the last branch pair scores encoder
             proposals. Set by the detector. Defaults to False.
+        k_one2many (int): Hybrid matching: queries per ground-truth object
+            for the one-to-many queries. Set by the detector. Defaults to 6.
+        lambda_one2many (float): Hybrid matching: weight of the one-to-many
+            losses. Set by the detector. Defaults to 1.0.
         init_cfg (dict, optional): Initialisation config. Defaults to None.
     """
 
@@ -89,9 +94,13 @@ class DeformableDETRHead(BaseModule):
         share_pred_layer: bool = False,
         num_pred_layer: int = 6,
         as_two_stage: bool = False,
+        k_one2many: int = 6,
+        lambda_one2many: float = 1.0,
         init_cfg: OptMultiConfig = None,
     ) -> None:
         super().__init__(init_cfg=init_cfg)
+        if k_one2many < 1:
+            raise ValueError(f'k_one2many must be >= 1, got {k_one2many}')
         if num_classes < 1:
             raise ValueError(f'num_classes must be >= 1, got {num_classes}')
         if num_pred_layer < 1:
@@ -108,6 +117,8 @@ class DeformableDETRHead(BaseModule):
         self.share_pred_layer = share_pred_layer
         self.num_pred_layer = num_pred_layer
         self.as_two_stage = as_two_stage
+        self.k_one2many = k_one2many
+        self.lambda_one2many = lambda_one2many
         self.train_cfg = train_cfg
         self.test_cfg = test_cfg
         if train_cfg:
@@ -207,12 +218,14 @@ class DeformableDETRHead(BaseModule):
         enc_outputs_class: Optional[Tensor],
         enc_outputs_coord: Optional[Tensor],
         batch_data_samples: SampleList,
+        num_queries_one2many: int = 0,
     ) -> Dict[str, Tensor]:
         """Forward and compute the losses.
 
         Args:
             hidden_states (Tensor): Queries after every decoder layer, has
-                shape (num_layers, bs, num_queries, dim).
+                shape (num_layers, bs, num_queries, dim); the last
+                ``num_queries_one2many`` are hybrid one-to-many queries.
             references (list[Tensor]): See :meth:`forward`.
             enc_outputs_class (Tensor, optional): Two-stage proposal logits,
                 has shape (bs, num_feat_points, cls_out_channels); None
@@ -221,23 +234,77 @@ class DeformableDETRHead(BaseModule):
                 normalised (cx, cy, w, h), has shape (bs, num_feat_points, 4).
             batch_data_samples (list[DetDataSample]): With ``gt_instances``
                 and metainfo (``img_shape``).
+            num_queries_one2many (int): Number of one-to-many queries (hybrid
+                matching; 0 for none). Defaults to 0.
 
         Returns:
             dict[str, Tensor]: ``loss_cls``, ``loss_bbox``, ``loss_iou`` of the
-            last layer, ``d{i}.*`` of the others and, in two-stage mode,
-            ``enc_loss_*``.
+            last layer, ``d{i}.*`` of the others, in two-stage mode
+            ``enc_loss_*`` and with hybrid matching the same per layer for
+            the one-to-many queries, ``*_one2many``.
         """
         batch_gt_instances = [s.gt_instances for s in batch_data_samples]
         batch_img_metas = [s.metainfo for s in batch_data_samples]
         cls_scores, bbox_preds = self(hidden_states, references)
-        return self.loss_by_feat(
-            cls_scores,
-            bbox_preds,
+        num_one2one = cls_scores.shape[2] - num_queries_one2many
+        # (num_layers, bs, nq + n_o2m, c): the one-to-many queries come last
+        losses = self.loss_by_feat(
+            cls_scores[:, :, :num_one2one],
+            bbox_preds[:, :, :num_one2one],
             enc_outputs_class,
             enc_outputs_coord,
             batch_gt_instances,
             batch_img_metas,
         )
+        if num_queries_one2many > 0:
+            losses.update(
+                self.loss_one2many(
+                    cls_scores[:, :, num_one2one:],
+                    bbox_preds[:, :, num_one2one:],
+                    batch_gt_instances,
+                    batch_img_metas,
+                )
+            )
+        return losses
+
+    def loss_one2many(
+        self,
+        all_layers_cls_scores: Tensor,
+        all_layers_bbox_preds: Tensor,
+        batch_gt_instances: InstanceList,
+        batch_img_metas: List[dict],
+    ) -> Dict[str, Tensor]:
+        """Hybrid matching losses of the one-to-many queries: every object
+        repeated ``k_one2many`` times and matched one-to-one, weighted by
+        ``lambda_one2many``.
+
+        Args:
+            all_layers_cls_scores (Tensor): has shape
+                (num_layers, bs, num_queries_one2many, cls_out_channels).
+            all_layers_bbox_preds (Tensor): has shape
+                (num_layers, bs, num_queries_one2many, 4).
+            batch_gt_instances (list[InstanceData]): Ground truth per image.
+            batch_img_metas (list[dict]): Meta information per image.
+
+        Returns:
+            dict[str, Tensor]: ``loss_cls_one2many`` ... of the last layer and
+            ``d{i}.loss_*_one2many`` of the others.
+        """
+        assigner = OneToManyAssigner(self._one_to_one_assigner(), self.k_one2many)
+        names = ('loss_cls', 'loss_bbox', 'loss_iou')
+        losses = {}
+        num_layers = all_layers_cls_scores.shape[0]
+        for i, (cls_scores, bbox_preds) in enumerate(
+            zip(all_layers_cls_scores, all_layers_bbox_preds)
+        ):
+            targets = self.get_targets(
+                cls_scores, bbox_preds, batch_gt_instances, batch_img_metas, assigner
+            )
+            layer_losses = self.loss_from_targets(cls_scores, bbox_preds, *targets, batch_img_metas)
+            prefix = '' if i == num_layers - 1 else f'd{i}.'
+            for name, value in zip(names, layer_losses):
+                losses[f'{prefix}{name}_one2many'] = value * self.lambda_one2many
+        return losses
 
     def loss_by_feat(
         self,
@@ -313,9 +380,39 @@ class DeformableDETRHead(BaseModule):
             tuple[Tensor, Tensor, Tensor]: ``loss_cls``, ``loss_bbox``,
             ``loss_iou``.
         """
-        labels, label_weights, bbox_targets, bbox_weights, num_pos = self.get_targets(
-            cls_scores, bbox_preds, batch_gt_instances, batch_img_metas
-        )
+        targets = self.get_targets(cls_scores, bbox_preds, batch_gt_instances, batch_img_metas)
+        return self.loss_from_targets(cls_scores, bbox_preds, *targets, batch_img_metas)
+
+    def loss_from_targets(
+        self,
+        cls_scores: Tensor,
+        bbox_preds: Tensor,
+        labels: Tensor,
+        label_weights: Tensor,
+        bbox_targets: Tensor,
+        bbox_weights: Tensor,
+        num_pos: int,
+        batch_img_metas: List[dict],
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Classification, L1 and IoU losses of predictions with known
+        targets (see :meth:`get_targets`), normalised by ``num_pos``.
+
+        Args:
+            cls_scores (Tensor): Logits, has shape (bs, num_queries,
+                cls_out_channels).
+            bbox_preds (Tensor): Normalised (cx, cy, w, h), has shape
+                (bs, num_queries, 4).
+            labels (Tensor): has shape (bs*num_queries,).
+            label_weights (Tensor): has shape (bs*num_queries,).
+            bbox_targets (Tensor): has shape (bs*num_queries, 4).
+            bbox_weights (Tensor): has shape (bs*num_queries, 4).
+            num_pos (int): Number of positive queries.
+            batch_img_metas (list[dict]): Meta information per image.
+
+        Returns:
+            tuple[Tensor, Tensor, Tensor]: ``loss_cls``, ``loss_bbox``,
+            ``loss_iou``.
+        """
         # (bs, nq, c) -> (bs*nq, c)
         cls_scores = cls_scores.reshape(-1, self.cls_out_channels)
         cls_avg_factor = cls_scores.new_tensor([float(num_pos)])
@@ -345,6 +442,7 @@ class DeformableDETRHead(BaseModule):
         bbox_preds: Tensor,
         batch_gt_instances: InstanceList,
         batch_img_metas: List[dict],
+        assigner=None,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, int]:
         """Match predictions to ground truth, image by image.
 
@@ -353,6 +451,8 @@ class DeformableDETRHead(BaseModule):
             bbox_preds (Tensor): has shape (bs, num_queries, 4).
             batch_gt_instances (list[InstanceData]): Ground truth per image.
             batch_img_metas (list[dict]): Meta information per image.
+            assigner (optional): The assigner; defaults to the one of
+                ``train_cfg``.
 
         Returns:
             tuple: for all images concatenated (bs*num_queries first):
@@ -360,12 +460,9 @@ class DeformableDETRHead(BaseModule):
             ``bbox_targets`` (normalised cx, cy, w, h), ``bbox_weights`` (1 on
             matched queries) and the number of matched queries.
         """
-        if not hasattr(self, 'assigner'):
-            raise RuntimeError(
-                'the head was built without train_cfg.assigner; it cannot compute losses'
-            )
+        assigner = self._one_to_one_assigner() if assigner is None else assigner
         targets = [
-            self._get_targets_single(cls_score, bbox_pred, gt, meta)
+            self._get_targets_single(cls_score, bbox_pred, gt, meta, assigner)
             for cls_score, bbox_pred, gt, meta in zip(
                 cls_scores, bbox_preds, batch_gt_instances, batch_img_metas
             )
@@ -379,8 +476,21 @@ class DeformableDETRHead(BaseModule):
             sum(num_pos),
         )
 
+    def _one_to_one_assigner(self):
+        """The assigner of ``train_cfg``."""
+        if not hasattr(self, 'assigner'):
+            raise RuntimeError(
+                'the head was built without train_cfg.assigner; it cannot compute losses'
+            )
+        return self.assigner
+
     def _get_targets_single(
-        self, cls_score: Tensor, bbox_pred: Tensor, gt_instances: InstanceData, img_meta: dict
+        self,
+        cls_score: Tensor,
+        bbox_pred: Tensor,
+        gt_instances: InstanceData,
+        img_meta: dict,
+        assigner,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, int]:
         """Targets of one image.
 
@@ -391,6 +501,7 @@ class DeformableDETRHead(BaseModule):
             gt_instances (InstanceData): ``bboxes`` (num_gts, 4) in pixels
                 (x1, y1, x2, y2) and ``labels`` (num_gts,).
             img_meta (dict): With ``img_shape``.
+            assigner: The assigner.
 
         Returns:
             tuple: labels (num_queries,), label weights (num_queries,), box
@@ -403,7 +514,7 @@ class DeformableDETRHead(BaseModule):
         pred_instances = InstanceData(
             scores=cls_score, bboxes=bbox_cxcywh_to_xyxy(bbox_pred) * factor
         )
-        assign_result = self.assigner.assign(
+        assign_result = assigner.assign(
             pred_instances=pred_instances, gt_instances=gt_instances, img_meta=img_meta
         )
         gt_bboxes = gt_instances.bboxes

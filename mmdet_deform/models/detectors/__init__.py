@@ -1,5 +1,6 @@
 """Detectors of mmdet_deform."""
 
 from .deformable_detr import DeformableDETR
+from .dino import DINO
 
-__all__ = ['DeformableDETR']
+__all__ = ['DINO', 'DeformableDETR']

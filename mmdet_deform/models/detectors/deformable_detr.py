@@ -32,6 +32,7 @@ from ..layers.transformer import (
     DeformableDetrTransformerEncoder,
     get_encoder_proposals,
     get_encoder_reference_points,
+    get_hybrid_attn_mask,
     get_padding_masks,
     get_proposal_pos_embed,
     get_valid_ratios,
@@ -63,6 +64,23 @@ class DeformableDETR(DetectionTransformer):
             top-scoring proposals instead of learnt queries. Defaults to
             False.
         num_feature_levels (int): Number of feature levels. Defaults to 4.
+        look_forward_twice (bool): With ``with_box_refine``, predict every
+            layer's boxes from the previous layer's refined boxes *with* their
+            gradient (DINO, section 3.5); the next layer still gets them
+            detached. Defaults to False.
+        dn_cfg (dict, optional): Must be None: contrastive denoising needs
+            DINO's decoder (``type='mmdet_deform.DINO'``). Defaults to None.
+        num_queries_one2many (int): Hybrid matching (H-DETR): extra decoder
+            queries trained with one-to-many matching, hidden from the
+            ``num_queries`` one-to-one queries in self-attention and dropped
+            at inference (learnt queries: that many more embeddings;
+            two-stage: that many more proposals). 0 turns it off. Defaults
+            to 0.
+        k_one2many (int): Hybrid matching: every ground-truth object is
+            repeated ``k_one2many`` times for the one-to-many queries.
+            Defaults to 6.
+        lambda_one2many (float): Hybrid matching: weight of the one-to-many
+            losses. Defaults to 1.0.
         channels_last (bool): Run the backbone and neck on channels-last
             (NHWC) images and weights, the layout oneDNN/cuDNN convolutions
             prefer (no layout reorder in every convolution). Defaults to True.
@@ -84,6 +102,11 @@ class DeformableDETR(DetectionTransformer):
         with_box_refine: bool = False,
         as_two_stage: bool = False,
         num_feature_levels: int = 4,
+        look_forward_twice: bool = False,
+        dn_cfg: OptConfigType = None,
+        num_queries_one2many: int = 0,
+        k_one2many: int = 6,
+        lambda_one2many: float = 1.0,
         channels_last: bool = True,
         train_cfg: OptConfigType = None,
         test_cfg: OptConfigType = None,
@@ -98,18 +121,52 @@ class DeformableDETR(DetectionTransformer):
         ):
             if cfg is None:
                 raise ValueError(f'{name} config is required')
+        if dn_cfg is not None:
+            raise ValueError(
+                f"dn_cfg (contrastive denoising) needs DINO's decoder, not {type(self).__name__}: "
+                "use type='mmdet_deform.DINO' (configs/dino/)"
+            )
+        if look_forward_twice and not with_box_refine:
+            raise ValueError(
+                'look_forward_twice=True needs with_box_refine=True (there are no refined '
+                'boxes to look forward to); set look_forward_twice=False or with_box_refine=True'
+            )
+        decoder = copy.deepcopy(decoder)
+        if 'look_forward_twice' in decoder:
+            raise ValueError(
+                "decoder.look_forward_twice is set from the model's look_forward_twice; "
+                'remove it from the decoder config'
+            )
+        decoder['look_forward_twice'] = look_forward_twice
+        if num_queries_one2many < 0:
+            raise ValueError(f'num_queries_one2many must be >= 0, got {num_queries_one2many}')
+        if k_one2many < 1:
+            raise ValueError(f'k_one2many must be >= 1, got {k_one2many}')
         bbox_head = copy.deepcopy(bbox_head)
-        for key in ('share_pred_layer', 'num_pred_layer', 'as_two_stage'):
+        for key in (
+            'share_pred_layer',
+            'num_pred_layer',
+            'as_two_stage',
+            'k_one2many',
+            'lambda_one2many',
+        ):
             if key in bbox_head:
                 raise ValueError(
                     f'bbox_head.{key} is set by DeformableDETR from with_box_refine, '
-                    f'as_two_stage and decoder.num_layers; remove it from the config'
+                    f'as_two_stage, decoder.num_layers, k_one2many and lambda_one2many; '
+                    f'remove it from the config'
                 )
         # Refinement gives every decoder layer its own branches; two-stage
         # adds one more pair (the last) that scores the encoder proposals.
         bbox_head['share_pred_layer'] = not with_box_refine
         bbox_head['num_pred_layer'] = decoder['num_layers'] + int(as_two_stage)
         bbox_head['as_two_stage'] = as_two_stage
+        bbox_head['k_one2many'] = k_one2many
+        bbox_head['lambda_one2many'] = lambda_one2many
+        self.look_forward_twice = look_forward_twice
+        self.num_queries_one2many = num_queries_one2many
+        self.k_one2many = k_one2many
+        self.lambda_one2many = lambda_one2many
         self.with_box_refine = with_box_refine
         self.as_two_stage = as_two_stage
         self.num_feature_levels = num_feature_levels
@@ -131,11 +188,7 @@ class DeformableDETR(DetectionTransformer):
     def _init_layers(self) -> None:
         """Build the transformer and the embeddings (everything but the
         backbone, neck and head, built by the base class)."""
-        if self.channels_last:
-            # conv weights too: loading a state dict copies into them, keeping the layout
-            self.backbone.to(memory_format=torch.channels_last)
-            if self.with_neck:
-                self.neck.to(memory_format=torch.channels_last)
+        self._backbone_to_channels_last()
         self.positional_encoding = SinePositionalEncoding(**self.positional_encoding)
         self.encoder = DeformableDetrTransformerEncoder(**self.encoder)
         self.decoder = DeformableDetrTransformerDecoder(**self.decoder)
@@ -143,7 +196,10 @@ class DeformableDETR(DetectionTransformer):
         self._check_dims()
         if not self.as_two_stage:
             # split into (query_pos, query) in pre_decoder, hence 2 * embed_dims
-            self.query_embedding = nn.Embedding(self.num_queries, self.embed_dims * 2)
+            # the one-to-many queries (hybrid matching) follow the one-to-one ones
+            self.query_embedding = nn.Embedding(
+                self.num_queries + self.num_queries_one2many, self.embed_dims * 2
+            )
         # zeros until init_weights() draws it (never uninitialised memory: a model
         # built without init_weights, e.g. by DetInferencer without weights, stays finite)
         self.level_embed = nn.Parameter(torch.zeros(self.num_feature_levels, self.embed_dims))
@@ -154,6 +210,15 @@ class DeformableDETR(DetectionTransformer):
             self.pos_trans_norm = nn.LayerNorm(self.embed_dims * 2)
         else:
             self.reference_points_fc = nn.Linear(self.embed_dims, 2)
+
+    def _backbone_to_channels_last(self) -> None:
+        """With ``channels_last``, store the backbone and neck weights
+        channels-last (loading a state dict copies into them, keeping the
+        layout)."""
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+            if self.with_neck:
+                self.neck.to(memory_format=torch.channels_last)
 
     def _check_dims(self) -> None:
         """Raise a ValueError naming the config entry whose sizes disagree."""
@@ -357,20 +422,26 @@ class DeformableDETR(DetectionTransformer):
             - decoder inputs: ``query`` and ``query_pos``
               (bs, num_queries, dim), ``memory``, and ``reference_points``:
               boxes (bs, num_queries, 4) in two-stage mode, else points
-              (bs, num_queries, 2).
+              (bs, num_queries, 2). With hybrid matching in training,
+              ``num_queries_one2many`` more queries follow, and
+              ``self_attn_mask`` separates the two groups.
             - head inputs (training only): ``enc_outputs_class``
               (bs, num_feat_points, cls_out_channels) and
               ``enc_outputs_coord`` (bs, num_feat_points, 4), None unless
               two-stage.
         """
         bs, _, c = memory.shape
+        # hybrid matching: the one-to-many queries join in training only
+        num_one2many = self.num_queries_one2many if self.training else 0
+        num_total = self.num_queries + num_one2many
         enc_outputs_class = enc_outputs_coord = None
         if self.as_two_stage:
             query, query_pos, reference_points, enc_outputs_class, enc_outputs_coord = (
-                self._select_proposals(memory, memory_mask, spatial_shapes)
+                self._select_proposals(memory, memory_mask, spatial_shapes, num_total)
             )
         else:
-            query_pos, query = torch.split(self.query_embedding.weight, c, dim=1)  # (nq, c) each
+            # (num_total, 2c) -> (nq, c) each
+            query_pos, query = torch.split(self.query_embedding.weight[:num_total], c, dim=1)
             reference_points = self.reference_points_fc(query_pos).sigmoid()  # (nq, 2)
             # (nq, c) -> (bs, nq, c)
             query_pos = query_pos[None].expand(bs, -1, -1)
@@ -384,31 +455,43 @@ class DeformableDETR(DetectionTransformer):
             if self.training
             else dict()
         )
+        if num_one2many > 0:
+            decoder_inputs_dict['self_attn_mask'] = get_hybrid_attn_mask(
+                self.num_queries, num_one2many, device=memory.device
+            )
+            head_inputs_dict['num_queries_one2many'] = num_one2many
         return decoder_inputs_dict, head_inputs_dict
 
     def _select_proposals(
-        self, memory: Tensor, memory_mask: Optional[Tensor], spatial_shapes: Tensor
+        self,
+        memory: Tensor,
+        memory_mask: Optional[Tensor],
+        spatial_shapes: Tensor,
+        num_select: int,
     ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
         """Two-stage: score every encoder position, keep the top
-        ``num_queries`` proposals as the decoder's references, and embed them
+        ``num_select`` proposals as the decoder's references, and embed them
         as its queries.
 
         Args:
             memory (Tensor): has shape (bs, num_feat_points, dim).
             memory_mask (Tensor, optional): has shape (bs, num_feat_points).
             spatial_shapes (Tensor): has shape (num_levels, 2).
+            num_select (int): Proposals kept (``num_queries``, plus the
+                one-to-many queries with hybrid matching in training).
 
         Returns:
-            tuple: ``query``, ``query_pos`` (bs, num_queries, dim), the
-            reference boxes (bs, num_queries, 4), and, in training, the
+            tuple: ``query``, ``query_pos`` (bs, num_select, dim), the
+            reference boxes (bs, num_select, 4), and, in training, the
             logits (bs, num_feat_points, cls_out_channels) and boxes
             (bs, num_feat_points, 4) of all proposals (None in eval mode,
             where only the kept proposals are regressed).
         """
         bs, num_feat_points, c = memory.shape
-        if num_feat_points < self.num_queries:
+        if num_feat_points < num_select:
             raise ValueError(
-                f'two-stage selects num_queries ({self.num_queries}) proposals from the '
+                f'two-stage selects num_queries ({self.num_queries}) + num_queries_one2many '
+                f'(in training: {self.num_queries_one2many}) proposals from the '
                 f'{num_feat_points} encoder positions of these images: use larger images or '
                 'fewer queries'
             )
@@ -424,13 +507,13 @@ class DeformableDETR(DetectionTransformer):
             coords_unact = reg_branch(output_memory) + proposals
             enc_outputs_coord = coords_unact.sigmoid()
             # class 0 stands for "object" (proposal targets are all 0)
-            topk = torch.topk(enc_outputs_class[..., 0], self.num_queries, dim=1)[1]
+            topk = torch.topk(enc_outputs_class[..., 0], num_select, dim=1)[1]
             # (bs, n, 4) -> (bs, nq, 4)
             topk_coords_unact = torch.gather(coords_unact, 1, topk[..., None].expand(-1, -1, 4))
         else:
             # inference ranks by the object channel only and regresses the kept ones
             scores = F.linear(output_memory, cls_branch.weight[:1], cls_branch.bias[:1])[..., 0]
-            topk = torch.topk(scores, self.num_queries, dim=1)[1]
+            topk = torch.topk(scores, num_select, dim=1)[1]
             # (bs, n, c) -> (bs, nq, c)
             topk_memory = torch.gather(output_memory, 1, topk[..., None].expand(-1, -1, c))
             topk_proposals = torch.gather(proposals, 1, topk[..., None].expand(-1, -1, 4))
@@ -452,6 +535,7 @@ class DeformableDETR(DetectionTransformer):
         spatial_shapes: Tensor,
         level_start_index: Tensor,
         valid_ratios: Tensor,
+        self_attn_mask: Optional[Tensor] = None,
     ) -> Dict:
         """Run the decoder (refining the references with the head's
         regression branches when ``with_box_refine``).
@@ -465,6 +549,8 @@ class DeformableDETR(DetectionTransformer):
             spatial_shapes (Tensor): has shape (num_levels, 2).
             level_start_index (Tensor): has shape (num_levels,).
             valid_ratios (Tensor): has shape (bs, num_levels, 2).
+            self_attn_mask (Tensor, optional): bool, True where a query may
+                not attend to another, has shape (num_queries, num_queries).
 
         Returns:
             dict: ``hidden_states`` (num_layers, bs, num_queries, dim) and
@@ -481,5 +567,6 @@ class DeformableDETR(DetectionTransformer):
             level_start_index=level_start_index,
             valid_ratios=valid_ratios,
             reg_branches=self.bbox_head.reg_branches if self.with_box_refine else None,
+            self_attn_mask=self_attn_mask,
         )
         return dict(hidden_states=hidden_states, references=[reference_points, *inter_references])

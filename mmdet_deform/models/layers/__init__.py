@@ -4,12 +4,16 @@ from mmdet_deform.ops import MultiScaleDeformableAttention
 from mmdet_deform.registry import MODELS
 
 from .transformer import (
+    CdnQueryGenerator,
     DeformableDetrTransformerDecoder,
     DeformableDetrTransformerDecoderLayer,
     DeformableDetrTransformerEncoder,
     DeformableDetrTransformerEncoderLayer,
+    DinoTransformerDecoder,
+    get_dn_attn_mask,
     get_encoder_proposals,
     get_encoder_reference_points,
+    get_hybrid_attn_mask,
     get_padding_masks,
     get_proposal_pos_embed,
     get_valid_ratios,
@@ -20,12 +24,16 @@ from .transformer import (
 MODELS.register_module(module=MultiScaleDeformableAttention)
 
 __all__ = [
+    'CdnQueryGenerator',
     'DeformableDetrTransformerDecoder',
     'DeformableDetrTransformerDecoderLayer',
     'DeformableDetrTransformerEncoder',
     'DeformableDetrTransformerEncoderLayer',
+    'DinoTransformerDecoder',
     'MultiScaleDeformableAttention',
+    'get_dn_attn_mask',
     'get_encoder_proposals',
+    'get_hybrid_attn_mask',
     'get_encoder_reference_points',
     'get_padding_masks',
     'get_proposal_pos_embed',

@@ -1,5 +1,6 @@
 """Task modules (assigners) of mmdet_deform."""
 
+from .one_to_many_assigner import OneToManyAssigner
 from .safe_hungarian_assigner import SafeHungarianAssigner
 
-__all__ = ['SafeHungarianAssigner']
+__all__ = ['OneToManyAssigner', 'SafeHungarianAssigner']

@@ -7,6 +7,9 @@ from .deformable_detr_layers import (
     DeformableDetrTransformerEncoder,
     DeformableDetrTransformerEncoderLayer,
 )
+from .denoising import CdnQueryGenerator, get_dn_attn_mask
+from .dino_layers import DinoTransformerDecoder
+from .hybrid import get_hybrid_attn_mask
 from .proposals import get_encoder_proposals, get_proposal_pos_embed
 from .reference_points import (
     apply_box_deltas,
@@ -18,11 +21,15 @@ from .reference_points import (
 
 __all__ = [
     'apply_box_deltas',
+    'CdnQueryGenerator',
     'DeformableDetrTransformerDecoder',
     'DeformableDetrTransformerDecoderLayer',
     'DeformableDetrTransformerEncoder',
     'DeformableDetrTransformerEncoderLayer',
+    'DinoTransformerDecoder',
+    'get_dn_attn_mask',
     'get_encoder_proposals',
+    'get_hybrid_attn_mask',
     'get_encoder_reference_points',
     'get_padding_masks',
     'get_proposal_pos_embed',

@@ -332,6 +332,10 @@ class DeformableDetrTransformerDecoder(BaseModule):
         return_intermediate (bool): Return the queries and references after
             every layer (for the auxiliary losses) rather than only after the
             last. Defaults to True.
+        look_forward_twice (bool): Return the refined references with their
+            gradient (DINO's look forward twice); the next layer gets them
+            detached either way. Only has an effect with ``reg_branches``.
+            Defaults to False.
         init_cfg (dict, optional): Initialisation config. Defaults to None.
     """
 
@@ -341,6 +345,7 @@ class DeformableDetrTransformerDecoder(BaseModule):
         layer_cfg: ConfigType,
         post_norm_cfg: OptConfigType = None,
         return_intermediate: bool = True,
+        look_forward_twice: bool = False,
         init_cfg: OptMultiConfig = None,
     ) -> None:
         super().__init__(init_cfg=init_cfg)
@@ -355,6 +360,7 @@ class DeformableDetrTransformerDecoder(BaseModule):
         self.layer_cfg = layer_cfg
         self.post_norm_cfg = post_norm_cfg
         self.return_intermediate = return_intermediate
+        self.look_forward_twice = look_forward_twice
         self.layers = ModuleList(
             [DeformableDetrTransformerDecoderLayer(**layer_cfg) for _ in range(num_layers)]
         )
@@ -371,6 +377,7 @@ class DeformableDetrTransformerDecoder(BaseModule):
         level_start_index: Tensor,
         valid_ratios: Tensor,
         reg_branches: Optional[List[nn.Module]] = None,
+        self_attn_mask: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
         """Decode the queries.
 
@@ -395,6 +402,9 @@ class DeformableDetrTransformerDecoder(BaseModule):
                 per layer, mapping queries to (cx, cy, w, h) offsets in logit
                 space; given, the references are refined after every layer
                 (and detached, as in the paper). Defaults to None.
+            self_attn_mask (Tensor, optional): bool, True where a query may
+                not attend to another (hybrid queries), has shape
+                (num_queries, num_queries). Defaults to None.
 
         Returns:
             tuple[Tensor, Tensor]:
@@ -404,7 +414,8 @@ class DeformableDetrTransformerDecoder(BaseModule):
               without ``return_intermediate``.
             - references: references after every layer, has shape
               (num_layers, bs, num_queries, 2 or 4), or (1, ...) without
-              ``return_intermediate``.
+              ``return_intermediate``; with their gradient when
+              ``look_forward_twice``.
         """
         if reference_points.shape[-1] not in (2, 4):
             raise ValueError(
@@ -434,14 +445,16 @@ class DeformableDetrTransformerDecoder(BaseModule):
                 reference_points=level_references,
                 spatial_shapes=spatial_shapes,
                 level_start_index=level_start_index,
+                self_attn_mask=self_attn_mask,
             )
+            refined = reference_points
             if reg_branches is not None:
                 # the next layer starts from the refined boxes, without gradient (paper)
-                deltas = reg_branches[i](query)
-                reference_points = apply_box_deltas(reference_points, deltas).sigmoid().detach()
+                refined = apply_box_deltas(reference_points, reg_branches[i](query)).sigmoid()
+                reference_points = refined.detach()
             if self.return_intermediate:
                 hidden_states.append(query)
-                references.append(reference_points)
+                references.append(refined if self.look_forward_twice else reference_points)
         if self.return_intermediate:
             return torch.stack(hidden_states), torch.stack(references)
         return query[None], reference_points[None]

@@ -110,13 +110,15 @@ def get_encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -
     return reference_points[:, :, None] * valid_ratios[:, None]
 
 
-def apply_box_deltas(references: Tensor, deltas: Tensor) -> Tensor:
+def apply_box_deltas(references: Tensor, deltas: Tensor, eps: float = 1e-5) -> Tensor:
     """Move references by deltas predicted in logit space.
 
     Args:
         references (Tensor): Normalised points (cx, cy), has shape
             (..., 2), or boxes (cx, cy, w, h), has shape (..., 4).
         deltas (Tensor): Predicted (cx, cy, w, h) deltas, has shape (..., 4).
+        eps (float): Clamp of the inverse sigmoid of the references.
+            Defaults to 1e-5.
 
     Returns:
         Tensor: Boxes (cx, cy, w, h) in logit space (apply ``sigmoid`` to
@@ -124,9 +126,9 @@ def apply_box_deltas(references: Tensor, deltas: Tensor) -> Tensor:
         centre; (w, h) are then the deltas themselves.
     """
     if references.shape[-1] == 4:
-        return deltas + inverse_sigmoid(references)
+        return deltas + inverse_sigmoid(references, eps)
     if references.shape[-1] == 2:
-        centre = deltas[..., :2] + inverse_sigmoid(references)
+        centre = deltas[..., :2] + inverse_sigmoid(references, eps)
         return torch.cat([centre, deltas[..., 2:]], -1)
     raise ValueError(
         f'references must end in 2 (points) or 4 (boxes), got shape {tuple(references.shape)}'
