@@ -464,9 +464,9 @@ def metadata_path(model_path: str) -> str:
     return model_path + METADATA_SUFFIX
 
 
-def write_metadata(model_path: str, metadata: Dict) -> str:
+def write_metadata(model_path: str, metadata: Dict) -> Dict:
     """Write ``metadata`` (plus the model file's name and SHA-256) next to the
-    model; returns the JSON's path."""
+    model (:func:`metadata_path`); returns what was written."""
     metadata = dict(
         metadata,
         metadata_version=METADATA_VERSION,
@@ -478,7 +478,7 @@ def write_metadata(model_path: str, metadata: Dict) -> str:
     with open(tmp, 'w') as f:
         json.dump(metadata, f, indent=2)
     os.replace(tmp, path)
-    return path
+    return metadata
 
 
 def _example_image(resize: Dict, shape: Optional[Tuple[int, int]]) -> Tensor:
@@ -570,5 +570,4 @@ def export_detector(
         max_per_img=int(model.bbox_head.test_cfg.get('max_per_img', model.num_queries)),
         score_thr=float(score_thr),
     )
-    write_metadata(out, metadata)
-    return metadata
+    return write_metadata(out, metadata)
