@@ -180,6 +180,7 @@ def test_export_refuses_an_unsupported_opset_and_existing_files(checkpoints, tmp
 def test_onnx_export_matches_eager_at_any_size(checkpoints, tmp_path, variant):
     onnx = pytest.importorskip('onnx')
     ort = pytest.importorskip('onnxruntime')
+    pytest.importorskip('onnxscript')
     out = str(tmp_path / f'{variant}.onnx')
     meta = export_detector(config_path(variant), checkpoints[variant], 'onnx', out)
     with open(out + '.json') as f:

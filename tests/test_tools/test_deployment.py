@@ -61,6 +61,8 @@ def export(dist_run, fmt: str, out: str) -> str:
 
 @pytest.fixture(scope='module')
 def onnx_model(dist_run, tmp_path_factory) -> str:
+    for name in ('onnx', 'onnxscript', 'onnxruntime'):  # the deploy extra
+        pytest.importorskip(name)
     return export(dist_run, 'onnx', str(tmp_path_factory.mktemp('onnx') / 'model.onnx'))
 
 
@@ -105,6 +107,12 @@ def assert_same_detections(actual: dict, expected: dict) -> None:
     assert len(actual['scores']) == len(expected['scores'])
     np.testing.assert_allclose(actual['scores'], expected['scores'], rtol=0, atol=1e-4)
     keep = max(int((expected['scores'] > 0.05).sum()), 10)
+    print(
+        f'{keep} compared: max |score diff| '
+        f'{np.abs(actual["scores"] - expected["scores"]).max():.2e}, max |box diff| '
+        f'{np.abs(actual["bboxes"][:keep] - expected["bboxes"][:keep]).max():.2e} px, '
+        f'top score {expected["scores"][0]:.3f}'
+    )
     np.testing.assert_array_equal(actual['labels'][:keep], expected['labels'][:keep])
     np.testing.assert_allclose(
         actual['bboxes'][:keep], expected['bboxes'][:keep], rtol=0, atol=0.05

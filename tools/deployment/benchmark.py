@@ -88,7 +88,9 @@ def build_models(args: argparse.Namespace):
     options = {'model.backbone.init_cfg': None}
     models = {}
     for name, path in (('mmdet', mmdet_config), ('ours', args.config)):
-        models[name] = init_detector(Config.fromfile(path), None, 'cpu', cfg_options=dict(options))
+        models[name] = init_detector(
+            Config.fromfile(path), None, device='cpu', cfg_options=dict(options)
+        )
     torch.manual_seed(0)
     models['mmdet'].init_weights()
     models['ours'].load_state_dict(models['mmdet'].state_dict(), strict=True)
