@@ -66,6 +66,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         '--work-dir', default=None, help='where the exported files go (default: a temporary folder)'
     )
+    parser.add_argument(
+        '--reuse-exports',
+        action='store_true',
+        help='time model.onnx / model.pt2 already in --work-dir (exported by an earlier run with '
+        'the same options) instead of exporting again',
+    )
     args = parser.parse_args(argv)
     if args.iters < 1 or args.warmup < 0 or args.threads < 1:
         parser.error('--iters and --threads must be >= 1, --warmup >= 0')
@@ -132,9 +138,10 @@ def exported_steps(args, model, cfg, image: np.ndarray, work_dir: str) -> Dict[s
     steps = {}
     if 'pt2' in args.paths:
         path = osp.join(work_dir, 'model.pt2')
-        start = time.perf_counter()
-        export_pt2(module, example, path, dynamic=dynamic)
-        print(f'pt2: exported and compiled in {time.perf_counter() - start:.0f} s', flush=True)
+        if not (args.reuse_exports and osp.isfile(path)):
+            start = time.perf_counter()
+            export_pt2(module, example, path, dynamic=dynamic)
+            print(f'pt2: exported and compiled in {time.perf_counter() - start:.0f} s', flush=True)
         compiled = torch._inductor.aoti_load_package(path)
         tensor = torch.from_numpy(image)
 
@@ -145,9 +152,10 @@ def exported_steps(args, model, cfg, image: np.ndarray, work_dir: str) -> Dict[s
         steps['pt2'] = run_pt2
     if {'onnxruntime', 'openvino'} & set(args.paths):
         path = osp.join(work_dir, 'model.onnx')
-        start = time.perf_counter()
-        export_onnx(module, example, path, args.opset, dynamic=dynamic)
-        print(f'onnx: exported in {time.perf_counter() - start:.0f} s', flush=True)
+        if not (args.reuse_exports and osp.isfile(path)):
+            start = time.perf_counter()
+            export_onnx(module, example, path, args.opset, dynamic=dynamic)
+            print(f'onnx: exported in {time.perf_counter() - start:.0f} s', flush=True)
         if 'onnxruntime' in args.paths:
             steps['onnxruntime'] = onnxruntime_step(path, image, args.threads)
         if 'openvino' in args.paths:
