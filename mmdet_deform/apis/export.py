@@ -542,6 +542,9 @@ def export_detector(
         ranges = export_onnx(module, example, out, opset_version, dynamic=shape is None)
     else:
         ranges = export_pt2(module, example, out, dynamic=shape is None)
+    with torch.no_grad():  # strides of the levels: the runner counts encoder positions
+        feats = model.extract_feat(torch.zeros(1, 3, *example.shape[:2]))
+    strides = [2 ** round(math.log2(example.shape[0] / f.shape[-2])) for f in feats]
     dataset_meta = getattr(model, 'dataset_meta', None) or {}
     classes = [str(c) for c in dataset_meta.get('classes', ())]
     num_classes = model.bbox_head.num_classes
@@ -563,6 +566,10 @@ def export_detector(
             channel_order='bgr',
             dynamic=shape is None and ranges['min_hw'] != ranges['max_hw'],
             **ranges,
+            # two-stage selects num_queries proposals from the encoder positions,
+            # sum(ceil(h / s) * ceil(w / s)) over the levels' strides s
+            feature_strides=strides,
+            min_tokens=int(model.num_queries) if model.as_two_stage else 0,
         ),
         resize=resize,
         preprocessing=preprocessing,

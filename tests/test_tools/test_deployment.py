@@ -126,6 +126,8 @@ def test_runner_matches_image_demo(request, fmt, images, demo_preds, tmp_path):
         meta = json.load(f)
     assert meta['format'] == fmt and meta['variant'] == 'two_stage'
     assert meta['input']['dynamic'] and meta['resize']['scale'] == [224, 224]
+    assert meta['input']['feature_strides'] == [8, 16, 32, 64]
+    assert meta['input']['min_tokens'] == 50
     out_dir = str(tmp_path / 'out')
     inputs = [osp.join(images, 'demo.jpg'), osp.join(images, 'tall.png')]
     proc = run_runner(model, *inputs, '--out-dir', out_dir, '--threads', '1')
@@ -186,6 +188,10 @@ def test_runner_refuses_sizes_the_model_does_not_take(tmp_path):
     meta = dict(input=dict(dynamic=True, min_hw=[65, 65], max_hw=[None, None]))
     assert runner.size_problem(224, 168, meta) is None
     assert 'at least 65x65' in runner.size_problem(64, 300, meta)
+    # two-stage: 300 proposals need 300 encoder positions (13^2 + 7^2 + 4^2 + 2^2 = 238 at 100x100)
+    two_stage = dict(input=dict(meta['input'], feature_strides=[8, 16, 32, 64], min_tokens=300))
+    assert '238 encoder positions' in runner.size_problem(100, 100, two_stage)
+    assert runner.size_problem(150, 150, two_stage) is None
     static = dict(input=dict(dynamic=False, min_hw=[168, 224], max_hw=[168, 224]))
     assert runner.size_problem(168, 224, static) is None
     assert 'exported for exactly 168x224' in runner.size_problem(224, 168, static)
@@ -225,3 +231,14 @@ def test_export_names_bad_input(tmp_path):
     assert proc.returncode == 2 and 'exists; pass --overwrite' in proc.stderr
     with open(out) as f:
         assert f.read() == 'precious'
+
+
+def test_benchmark_table_and_arguments():
+    bench = load_tool('tools/deployment/benchmark.py')
+    table = bench.format_table({'mmdet': (2.0, 4.0), 'pt2': (0.5, 1.0)}, (512, 672), 2)
+    assert '| mmdet 3.3 eager | 2.000 | 1.00x | 4.000 | 1.00x |' in table
+    assert '| ours pt2 (AOTInductor) | 0.500 | 4.00x | 1.000 | 4.00x |' in table
+    assert 'ONNX Runtime' not in table  # paths not timed have no row
+    assert bench.parse_args([]).paths == list(bench.PATHS)
+    with pytest.raises(SystemExit):
+        bench.parse_args(['--shape', '32', '32'])

@@ -34,6 +34,7 @@ import glob
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import os.path as osp
 import sys
@@ -173,6 +174,15 @@ def size_problem(height: int, width: int, meta: Dict) -> Optional[str]:
         return f'resizes to {height}x{width}; the model takes at least {min_h}x{min_w}'
     if (max_h is not None and height > max_h) or (max_w is not None and width > max_w):
         return f'resizes to {height}x{width}; the model takes at most {max_h}x{max_w}'
+    min_tokens = spec.get('min_tokens', 0)
+    if min_tokens:
+        strides = spec['feature_strides']
+        tokens = sum(math.ceil(height / s) * math.ceil(width / s) for s in strides)
+        if tokens < min_tokens:
+            return (
+                f'resizes to {height}x{width}, which gives {tokens} encoder positions; the '
+                f'two-stage model selects {min_tokens} proposals from them (use larger images)'
+            )
     return None
 
 
