@@ -13,7 +13,7 @@ load with ``strict=True``.
 """
 
 import copy
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -298,7 +298,8 @@ class DeformableDETR(DetectionTransformer):
         Returns:
             tuple[dict, dict]: Inputs of :meth:`forward_encoder` (``feat``,
             ``feat_mask``, ``feat_pos``, ``spatial_shapes``,
-            ``level_start_index``, ``valid_ratios``, ``reference_points``) and
+            ``level_start_index``, ``valid_ratios``, ``reference_points``,
+            ``level_shapes``) and
             part of those of :meth:`forward_decoder` (``memory_mask``,
             ``spatial_shapes``, ``level_start_index``, ``valid_ratios``).
         """
@@ -352,7 +353,9 @@ class DeformableDETR(DetectionTransformer):
             spatial_shapes=spatial_shapes,
             level_start_index=level_start_index,
             valid_ratios=valid_ratios,
-            reference_points=get_encoder_reference_points(spatial_shapes, valid_ratios),
+            # the Python sizes keep them symbolic under torch.export
+            reference_points=get_encoder_reference_points(feat_shapes, valid_ratios),
+            level_shapes=feat_shapes,
         )
         decoder_inputs_dict = dict(
             memory_mask=mask_flatten,
@@ -371,6 +374,7 @@ class DeformableDETR(DetectionTransformer):
         level_start_index: Tensor,
         valid_ratios: Tensor,
         reference_points: Tensor,
+        level_shapes: Optional[List[Tuple[int, int]]] = None,
     ) -> Dict:
         """Run the encoder.
 
@@ -389,10 +393,12 @@ class DeformableDETR(DetectionTransformer):
                 shape (bs, num_levels, 2).
             reference_points (Tensor): Encoder reference points, has shape
                 (bs, num_feat_points, num_levels, 2).
+            level_shapes (list[tuple[int, int]], optional): ``spatial_shapes``
+                as Python sizes, handed on to :meth:`pre_decoder`.
 
         Returns:
-            dict: ``memory`` (bs, num_feat_points, dim), ``memory_mask`` and
-            ``spatial_shapes`` for :meth:`pre_decoder`.
+            dict: ``memory`` (bs, num_feat_points, dim), ``memory_mask``,
+            ``spatial_shapes`` and ``level_shapes`` for :meth:`pre_decoder`.
         """
         memory = self.encoder(
             query=feat,
@@ -402,10 +408,19 @@ class DeformableDETR(DetectionTransformer):
             spatial_shapes=spatial_shapes,
             level_start_index=level_start_index,
         )
-        return dict(memory=memory, memory_mask=feat_mask, spatial_shapes=spatial_shapes)
+        return dict(
+            memory=memory,
+            memory_mask=feat_mask,
+            spatial_shapes=spatial_shapes,
+            level_shapes=level_shapes,
+        )
 
     def pre_decoder(
-        self, memory: Tensor, memory_mask: Optional[Tensor], spatial_shapes: Tensor
+        self,
+        memory: Tensor,
+        memory_mask: Optional[Tensor],
+        spatial_shapes: Tensor,
+        level_shapes: Optional[List[Tuple[int, int]]] = None,
     ) -> Tuple[Dict, Dict]:
         """Initial queries and references of the decoder.
 
@@ -415,6 +430,9 @@ class DeformableDETR(DetectionTransformer):
                 shape (bs, num_feat_points).
             spatial_shapes (Tensor): (h, w) of every level, has shape
                 (num_levels, 2).
+            level_shapes (list[tuple[int, int]], optional): The same as
+                Python sizes (read from ``spatial_shapes`` when None; given,
+                they keep the sizes symbolic under ``torch.export``).
 
         Returns:
             tuple[dict, dict]:
@@ -437,7 +455,12 @@ class DeformableDETR(DetectionTransformer):
         enc_outputs_class = enc_outputs_coord = None
         if self.as_two_stage:
             query, query_pos, reference_points, enc_outputs_class, enc_outputs_coord = (
-                self._select_proposals(memory, memory_mask, spatial_shapes, num_total)
+                self._select_proposals(
+                    memory,
+                    memory_mask,
+                    spatial_shapes if level_shapes is None else level_shapes,
+                    num_total,
+                )
             )
         else:
             # (num_total, 2c) -> (nq, c) each
@@ -466,7 +489,7 @@ class DeformableDETR(DetectionTransformer):
         self,
         memory: Tensor,
         memory_mask: Optional[Tensor],
-        spatial_shapes: Tensor,
+        spatial_shapes: Union[Tensor, List[Tuple[int, int]]],
         num_select: int,
     ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
         """Two-stage: score every encoder position, keep the top
@@ -476,7 +499,8 @@ class DeformableDETR(DetectionTransformer):
         Args:
             memory (Tensor): has shape (bs, num_feat_points, dim).
             memory_mask (Tensor, optional): has shape (bs, num_feat_points).
-            spatial_shapes (Tensor): has shape (num_levels, 2).
+            spatial_shapes (Tensor | list[tuple[int, int]]): (h, w) of every
+                level, a (num_levels, 2) tensor or Python sizes.
             num_select (int): Proposals kept (``num_queries``, plus the
                 one-to-many queries with hybrid matching in training).
 

@@ -20,7 +20,7 @@ checkpoints load with ``strict=True``.
 """
 
 import copy
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from mmdet.models.layers import SinePositionalEncoding
@@ -155,6 +155,7 @@ class DINO(DeformableDETR):
         memory: Tensor,
         memory_mask: Optional[Tensor],
         spatial_shapes: Tensor,
+        level_shapes: Optional[List[Tuple[int, int]]] = None,
         batch_data_samples: OptSampleList = None,
     ) -> Tuple[Dict, Dict]:
         """Mixed query selection, and in training the denoising queries.
@@ -165,6 +166,9 @@ class DINO(DeformableDETR):
                 shape (bs, num_feat_points).
             spatial_shapes (Tensor): (h, w) of every level, has shape
                 (num_levels, 2).
+            level_shapes (list[tuple[int, int]], optional): The same as
+                Python ints (traceable sizes for export); None to read them
+                from ``spatial_shapes``.
             batch_data_samples (list[DetDataSample], optional): Ground truth
                 of the denoising queries (training with ``dn_cfg`` only).
 
@@ -186,7 +190,8 @@ class DINO(DeformableDETR):
                 f'{num_feat_points} encoder positions of these images: use larger images or '
                 'fewer queries'
             )
-        proposals, invalid = get_encoder_proposals(memory_mask, spatial_shapes, bs, memory.device)
+        shapes = spatial_shapes if level_shapes is None else level_shapes
+        proposals, invalid = get_encoder_proposals(memory_mask, shapes, bs, memory.device)
         output_memory = memory.masked_fill(invalid, 0.0)
         output_memory = self.memory_trans_norm(self.memory_trans_fc(output_memory))
         cls_branch = self.bbox_head.cls_branches[self.decoder.num_layers]

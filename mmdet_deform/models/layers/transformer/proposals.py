@@ -9,7 +9,7 @@ embedding of them its queries.
 """
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -21,7 +21,7 @@ __all__ = ['get_encoder_proposals', 'get_proposal_pos_embed']
 
 def get_encoder_proposals(
     memory_mask: Optional[Tensor],
-    spatial_shapes: Tensor,
+    spatial_shapes: Union[Tensor, Sequence[Tuple[int, int]]],
     batch_size: int,
     device: torch.device,
 ) -> Tuple[Tensor, Tensor]:
@@ -30,8 +30,9 @@ def get_encoder_proposals(
     Args:
         memory_mask (Tensor, optional): True at padded positions, has shape
             (bs, num_feat_points); None when no image is padded.
-        spatial_shapes (Tensor): (h, w) of every level, has shape
-            (num_levels, 2).
+        spatial_shapes (Tensor | Sequence[tuple[int, int]]): (h, w) of every
+            level, a tensor of shape (num_levels, 2) or Python sizes (which
+            keep the sizes symbolic under ``torch.export``).
         batch_size (int): Number of images.
         device (torch.device): Device of the result.
 
@@ -47,7 +48,9 @@ def get_encoder_proposals(
     """
     proposals = []
     start = 0
-    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+    if isinstance(spatial_shapes, Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    for level, (h, w) in enumerate(spatial_shapes):
         if memory_mask is not None:
             # (bs, h*w) -> (bs, h, w)
             mask = memory_mask[:, start : start + h * w].view(batch_size, h, w)
@@ -55,8 +58,8 @@ def get_encoder_proposals(
         else:
             scale = torch.tensor([w, h], device=device).view(1, 1, 1, 2)
         grid_y, grid_x = torch.meshgrid(
-            torch.linspace(0, h - 1, h, dtype=torch.float32, device=device),
-            torch.linspace(0, w - 1, w, dtype=torch.float32, device=device),
+            torch.arange(h, dtype=torch.float32, device=device),
+            torch.arange(w, dtype=torch.float32, device=device),
             indexing='ij',
         )
         grid = torch.stack([grid_x, grid_y], -1)  # (h, w, 2)

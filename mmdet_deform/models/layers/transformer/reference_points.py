@@ -9,7 +9,7 @@ content on every level. The constants are built in float32 (as in the
 reference implementation), whatever the model's dtype.
 """
 
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -82,13 +82,16 @@ def get_valid_ratios(mask: Tensor) -> Tensor:
     return torch.stack([valid[:, 0] / w, valid[:, 1] / h], -1)
 
 
-def get_encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+def get_encoder_reference_points(
+    spatial_shapes: Union[Tensor, Sequence[Tuple[int, int]]], valid_ratios: Tensor
+) -> Tensor:
     """Reference points of the encoder: the centre of every feature-map cell,
     seen from every level.
 
     Args:
-        spatial_shapes (Tensor): (h, w) of every level, has shape
-            (num_levels, 2).
+        spatial_shapes (Tensor | Sequence[tuple[int, int]]): (h, w) of every
+            level, a tensor of shape (num_levels, 2) or Python sizes (which
+            keep the sizes symbolic under ``torch.export``).
         valid_ratios (Tensor): Valid (w, h) fraction of every level, has
             shape (bs, num_levels, 2).
 
@@ -97,9 +100,12 @@ def get_encoder_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -
         (bs, num_feat_points, num_levels, 2).
     """
     points = []
-    for level, (h, w) in enumerate(spatial_shapes.tolist()):
-        ys = torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=valid_ratios.device)
-        xs = torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=valid_ratios.device)
+    if isinstance(spatial_shapes, Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    for level, (h, w) in enumerate(spatial_shapes):
+        # cell centres 0.5 .. h - 0.5 (arange: no float arguments for torch.export to specialise)
+        ys = torch.arange(h, dtype=torch.float32, device=valid_ratios.device) + 0.5
+        xs = torch.arange(w, dtype=torch.float32, device=valid_ratios.device) + 0.5
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing='ij')  # (h, w) each
         # normalise by the valid size of each image: (1, h*w) / (bs, 1) -> (bs, h*w)
         ref_y = grid_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)

@@ -1,0 +1,203 @@
+"""mmdet_deform.apis.export: the exportable module equals the detector's own
+prediction, configs and checkpoints are read (and refused) as documented,
+and the ONNX export of random-weight plain and refine models matches eager
+inference in ONNX Runtime at the export size and at other sizes."""
+
+import json
+import os.path as osp
+
+import numpy as np
+import pytest
+import torch
+from mmdet.structures import DetDataSample
+from mmengine.config import Config
+
+from mmdet_deform.apis.export import (
+    ExportableDetector,
+    export_detector,
+    load_detector,
+    model_variant,
+    read_preprocessing,
+    read_test_resize,
+    resized_shape,
+)
+
+from ..conftest import REPO_ROOT
+
+CONFIG_DIR = osp.join(REPO_ROOT, 'configs', 'deformable_detr')
+CLASSES = ('circle', 'square', 'triangle', 'star', 'ring', 'cross')
+
+
+def config_path(variant: str, dataset: str = 'shapes') -> str:
+    return osp.join(CONFIG_DIR, f'{variant}_{dataset}.py')
+
+
+def save_random_checkpoint(variant: str, path: str, seed: int = 0, meta_cfg: bool = True) -> str:
+    """A checkpoint of the shapes config with seeded random weights, laid out
+    as mmengine's Runner writes it (state_dict + meta with cfg and classes)."""
+    from mmdet.apis import init_detector
+
+    cfg = Config.fromfile(config_path(variant))
+    model = init_detector(cfg, None, device='cpu')
+    torch.manual_seed(seed)
+    model.init_weights()
+    meta = dict(dataset_meta=dict(classes=CLASSES))
+    if meta_cfg:
+        meta['cfg'] = cfg.pretty_text
+    torch.save(dict(state_dict=model.state_dict(), meta=meta), path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def checkpoints(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp('ckpt')
+    return {v: save_random_checkpoint(v, str(root / f'{v}.pth')) for v in ('plain', 'refine')}
+
+
+def image(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=gen)
+
+
+# ---------------------------------------------------------------- the module
+@pytest.mark.parametrize('variant', ['plain', 'two_stage'])
+def test_module_equals_the_detectors_own_prediction(checkpoints, tmp_path, variant):
+    path = checkpoints.get(variant) or save_random_checkpoint(variant, str(tmp_path / 'c.pth'))
+    model, cfg, _ = load_detector(config_path(variant), path)
+    module = ExportableDetector(model, **read_preprocessing(cfg)).eval()
+    img = image(168, 224)
+    with torch.no_grad():
+        boxes, scores, labels = module(img)
+        # the detector's own path: data preprocessor, predict without rescaling
+        sample = DetDataSample(metainfo=dict(img_shape=(168, 224), ori_shape=(168, 224)))
+        data = model.data_preprocessor(dict(inputs=[img.permute(2, 0, 1)], data_samples=[sample]))
+        expected = model.predict(data['inputs'], data['data_samples'], rescale=False)[0]
+    n = model.bbox_head.test_cfg['max_per_img']
+    assert boxes.shape == (n, 4) and scores.shape == (n,) and labels.shape == (n,)
+    assert labels.dtype == torch.int64
+    assert torch.all(scores[:-1] >= scores[1:])
+    torch.testing.assert_close(scores, expected.pred_instances.scores, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(boxes, expected.pred_instances.bboxes, rtol=1e-5, atol=1e-4)
+    assert torch.equal(labels, expected.pred_instances.labels)
+
+
+def test_padding_to_the_size_divisor_gives_the_padded_batch_result(checkpoints):
+    model, cfg, _ = load_detector(config_path('plain'), checkpoints['plain'])
+    module = ExportableDetector(model, **dict(read_preprocessing(cfg), pad_size_divisor=32))
+    img = image(100, 90, seed=1)
+    with torch.no_grad():
+        boxes, scores, _ = module.eval()(img)
+        sample = DetDataSample(metainfo=dict(img_shape=(100, 90), ori_shape=(100, 90)))
+        model.data_preprocessor.pad_size_divisor = 32
+        data = model.data_preprocessor(dict(inputs=[img.permute(2, 0, 1)], data_samples=[sample]))
+        assert tuple(data['inputs'].shape[-2:]) == (128, 96)
+        expected = model.predict(data['inputs'], data['data_samples'], rescale=False)[0]
+    torch.testing.assert_close(scores, expected.pred_instances.scores, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(boxes, expected.pred_instances.bboxes, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------- configs
+def test_reads_preprocessing_and_resize_of_the_configs():
+    cfg = Config.fromfile(config_path('two_stage'))
+    assert read_preprocessing(cfg) == dict(
+        mean=[123.675, 116.28, 103.53],
+        std=[58.395, 57.12, 57.375],
+        bgr_to_rgb=True,
+        pad_size_divisor=1,
+        pad_value=0.0,
+    )
+    assert read_test_resize(cfg) == dict(
+        scale=[224, 224], keep_ratio=True, interpolation='bilinear'
+    )
+    coco = Config.fromfile(config_path('two_stage', 'r50'))
+    assert read_test_resize(coco)['scale'] == [1333, 800]
+    assert model_variant(cfg.model) == 'two_stage'
+    assert model_variant(Config.fromfile(config_path('plain')).model) == 'plain'
+    assert model_variant(Config.fromfile(config_path('refine')).model) == 'refine'
+
+
+def test_refuses_a_test_pipeline_it_cannot_repeat():
+    cfg = Config.fromfile(config_path('plain'))
+    cfg.test_dataloader.dataset.pipeline.insert(2, dict(type='RandomFlip', prob=1.0))
+    with pytest.raises(ValueError, match='RandomFlip'):
+        read_test_resize(cfg)
+    cfg = Config.fromfile(config_path('plain'))
+    cfg.test_dataloader.dataset.pipeline[1] = dict(type='Resize', scale_factor=0.5)
+    with pytest.raises(ValueError, match='scale_factor'):
+        read_test_resize(cfg)
+
+
+@pytest.mark.parametrize('size', [(96, 128), (320, 320), (37, 500), (1000, 20)])
+def test_resized_shape_is_mmcv_resize(size):
+    from mmdet.datasets.transforms import Resize
+
+    resize = dict(scale=[224, 224], keep_ratio=True, interpolation='bilinear')
+    results = Resize(scale=(224, 224), keep_ratio=True)(
+        dict(img=np.zeros((*size, 3), np.uint8), img_shape=size)
+    )
+    assert resized_shape(*size, resize) == tuple(results['img_shape'])
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_a_checkpoint_of_another_variant_is_refused(checkpoints):
+    # two-stage has other parameters: named with both files
+    with pytest.raises(ValueError, match=r'plain\.pth.*two_stage_shapes\.py|two_stage') as err:
+        load_detector(config_path('two_stage'), checkpoints['plain'])
+    assert 'plain.pth' in str(err.value)
+    # plain and refine have the same parameter names: the checkpoint's config tells
+    with pytest.raises(ValueError, match='trained as a plain Deformable DETR'):
+        load_detector(config_path('refine'), checkpoints['plain'])
+
+
+def test_a_checkpoint_without_its_config_is_checked_by_its_parameters(tmp_path):
+    path = save_random_checkpoint('two_stage', str(tmp_path / 'bare.pth'), meta_cfg=False)
+    with pytest.raises(ValueError, match='missing: query_embedding.weight'):
+        load_detector(config_path('plain'), path)
+    cfg = Config.fromfile(config_path('two_stage'))
+    cfg.model.bbox_head.num_classes = 80
+    with pytest.raises(ValueError, match=r'shape: bbox_head.cls_branches.0.weight \(6, 128\)'):
+        load_detector(cfg, path)
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match='checkpoint not found'):
+        load_detector(config_path('plain'), str(tmp_path / 'none.pth'))
+
+
+def test_export_refuses_an_unsupported_opset_and_existing_files(checkpoints, tmp_path):
+    with pytest.raises(ValueError, match='opset_version must be an int from 18 to 23'):
+        export_detector(config_path('plain'), checkpoints['plain'], 'onnx', 'm.onnx', 17)
+    out = tmp_path / 'm.onnx'
+    out.write_bytes(b'precious')
+    with pytest.raises(FileExistsError, match='m.onnx'):
+        export_detector(config_path('plain'), checkpoints['plain'], 'onnx', str(out))
+    assert out.read_bytes() == b'precious'
+
+
+# ---------------------------------------------------------------- ONNX parity
+@pytest.mark.slow
+@pytest.mark.parametrize('variant', ['plain', 'refine'])
+def test_onnx_export_matches_eager_at_any_size(checkpoints, tmp_path, variant):
+    onnx = pytest.importorskip('onnx')
+    ort = pytest.importorskip('onnxruntime')
+    pytest.importorskip('onnxscript')
+    out = str(tmp_path / f'{variant}.onnx')
+    meta = export_detector(config_path(variant), checkpoints[variant], 'onnx', out)
+    with open(out + '.json') as f:
+        assert json.load(f) == meta
+    assert meta['variant'] == variant and meta['classes'] == list(CLASSES)
+    assert meta['input']['dynamic'] and meta['input']['min_hw'][0] <= 96
+    domains = {node.domain for node in onnx.load(out).graph.node}
+    assert domains <= {'', 'ai.onnx'}, domains
+    model, cfg, _ = load_detector(config_path(variant), checkpoints[variant])
+    module = ExportableDetector(model, **read_preprocessing(cfg)).eval()
+    session = ort.InferenceSession(out, providers=['CPUExecutionProvider'])
+    # the export's example size (a 3:4 image resized to 168x224) and others
+    for h, w in ((168, 224), (224, 160), (97, 130)):
+        img = image(h, w, seed=h)
+        with torch.no_grad():
+            expected = [t.numpy() for t in module(img)]
+        boxes, scores, labels = session.run(None, {'image': img.numpy()})
+        np.testing.assert_allclose(scores, expected[1], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(boxes, expected[0], rtol=0, atol=1e-3)
+        np.testing.assert_array_equal(labels, expected[2])

@@ -1,0 +1,244 @@
+"""tools/deployment: a two-stage checkpoint trained for a few iterations,
+exported to ONNX and to an AOTInductor package, run by run_exported.py
+(without mmdet, mmcv or mmengine) gives demo/image_demo.py's predictions, on
+an image of the export's size and on one of another size; bad input stops
+both tools with exit code 2 and a message naming the file."""
+
+import json
+import os
+import os.path as osp
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from ..conftest import REPO_ROOT
+from .conftest import CONFIG, load_tool, run_tool, tool_env
+
+pytestmark = pytest.mark.slow
+
+EXPORT = 'tools/deployment/export.py'
+RUNNER = 'tools/deployment/run_exported.py'
+OPENMMLAB = {'mmdet', 'mmcv', 'mmengine', 'mmdet_deform'}
+
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory) -> str:
+    """demo.jpg resizes to the export's example size (168x224), tall.png to
+    224x168."""
+    root = tmp_path_factory.mktemp('deploy_images')
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    cv2.circle(img, (40, 50), 20, (0, 0, 255), -1)
+    cv2.imwrite(str(root / 'demo.jpg'), img)
+    img = rng.integers(0, 255, (120, 90, 3), dtype=np.uint8)
+    cv2.rectangle(img, (10, 20), (60, 90), (0, 255, 0), -1)
+    cv2.imwrite(str(root / 'tall.png'), img)
+    return str(root)
+
+
+@pytest.fixture(scope='module')
+def demo_preds(dist_run, images, tmp_path_factory) -> dict:
+    assert dist_run.proc.returncode == 0, 'the training run failed'
+    out_dir = str(tmp_path_factory.mktemp('demo_out'))
+    proc = run_tool(
+        ['demo/image_demo.py', images, CONFIG, '--weights', dist_run.checkpoint]
+        + ['--out-dir', out_dir, '--device', 'cpu', '--no-save-vis']
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return {s: read_preds(osp.join(out_dir, 'preds', f'{s}.json')) for s in ('demo', 'tall')}
+
+
+def export(dist_run, fmt: str, out: str) -> str:
+    proc = run_tool([EXPORT, CONFIG, dist_run.checkpoint, '--format', fmt, '--out', out])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert f'exported a two_stage Deformable DETR to {out}' in proc.stdout
+    return out
+
+
+@pytest.fixture(scope='module')
+def onnx_model(dist_run, tmp_path_factory) -> str:
+    for name in ('onnx', 'onnxscript', 'onnxruntime'):  # the deploy extra
+        pytest.importorskip(name)
+    return export(dist_run, 'onnx', str(tmp_path_factory.mktemp('onnx') / 'model.onnx'))
+
+
+@pytest.fixture(scope='module')
+def pt2_model(dist_run, tmp_path_factory) -> str:
+    return export(dist_run, 'pt2', str(tmp_path_factory.mktemp('pt2') / 'model.pt2'))
+
+
+def read_preds(path: str) -> dict:
+    with open(path) as f:
+        preds = json.load(f)
+    assert sorted(preds) == ['bboxes', 'labels', 'scores']
+    return {k: np.asarray(v) for k, v in preds.items()}
+
+
+def run_runner(*args: str) -> subprocess.CompletedProcess:
+    """run_exported.py in a fresh interpreter that then prints its top-level modules."""
+    code = (
+        'import json, runpy, sys\n'
+        f'sys.argv = {[RUNNER, *args]!r}\n'
+        f'runpy.run_path({RUNNER!r}, run_name="__main__")\n'
+        'print("MODULES " + json.dumps(sorted({m.split(".")[0] for m in sys.modules})))\n'
+    )
+    return subprocess.run(
+        [sys.executable, '-c', code],
+        cwd=REPO_ROOT,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def loaded_modules(proc: subprocess.CompletedProcess) -> set:
+    line = next(s for s in proc.stdout.splitlines() if s.startswith('MODULES '))
+    return set(json.loads(line[len('MODULES ') :]))
+
+
+def assert_same_detections(actual: dict, expected: dict) -> None:
+    """Scores within 1e-4, boxes within 0.05 px and equal labels for every
+    detection above 0.05 (at least the top 10)."""
+    assert len(actual['scores']) == len(expected['scores'])
+    np.testing.assert_allclose(actual['scores'], expected['scores'], rtol=0, atol=1e-4)
+    keep = max(int((expected['scores'] > 0.05).sum()), 10)
+    print(
+        f'{keep} compared: max |score diff| '
+        f'{np.abs(actual["scores"] - expected["scores"]).max():.2e}, max |box diff| '
+        f'{np.abs(actual["bboxes"][:keep] - expected["bboxes"][:keep]).max():.2e} px, '
+        f'top score {expected["scores"][0]:.3f}'
+    )
+    np.testing.assert_array_equal(actual['labels'][:keep], expected['labels'][:keep])
+    np.testing.assert_allclose(
+        actual['bboxes'][:keep], expected['bboxes'][:keep], rtol=0, atol=0.05
+    )
+
+
+@pytest.mark.parametrize('fmt', ['onnx', 'pt2'])
+def test_runner_matches_image_demo(request, fmt, images, demo_preds, tmp_path):
+    model = request.getfixturevalue(f'{fmt}_model')
+    with open(model + '.json') as f:
+        meta = json.load(f)
+    assert meta['format'] == fmt and meta['variant'] == 'two_stage'
+    assert meta['input']['dynamic'] and meta['resize']['scale'] == [224, 224]
+    assert meta['input']['feature_strides'] == [8, 16, 32, 64]
+    assert meta['input']['min_tokens'] == 50
+    out_dir = str(tmp_path / 'out')
+    inputs = [osp.join(images, 'demo.jpg'), osp.join(images, 'tall.png')]
+    proc = run_runner(model, *inputs, '--out-dir', out_dir, '--threads', '1')
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    modules = loaded_modules(proc)
+    assert not modules & OPENMMLAB, modules & OPENMMLAB
+    if fmt == 'onnx':
+        assert 'torch' not in modules
+    for stem in ('demo', 'tall'):
+        actual = read_preds(osp.join(out_dir, 'preds', f'{stem}.json'))
+        assert_same_detections(actual, demo_preds[stem])
+    vis = cv2.imread(osp.join(out_dir, 'vis', 'tall.png'))
+    assert vis is not None and vis.shape == (120, 90, 3)
+
+
+# ---------------------------------------------------------------- bad input
+def test_runner_names_bad_images(onnx_model, images, tmp_path):
+    empty = tmp_path / 'empty.png'
+    empty.write_bytes(b'')
+    text = tmp_path / 'notes.jpg'
+    text.write_text('not an image')
+    good = osp.join(images, 'demo.jpg')
+    out_dir = tmp_path / 'out'
+    proc = run_tool([RUNNER, onnx_model, good, str(empty), str(text), '--out-dir', str(out_dir)])
+    assert proc.returncode == 2
+    assert 'nothing was run' in proc.stderr
+    assert f"image '{empty}' is empty" in proc.stderr
+    assert f"image '{text}' is not an image OpenCV can decode" in proc.stderr
+    assert not out_dir.exists()
+
+
+def test_runner_refuses_a_model_that_does_not_match_its_json(onnx_model, images, tmp_path):
+    good = osp.join(images, 'demo.jpg')
+    # the file changed after export
+    changed = str(tmp_path / 'changed.onnx')
+    shutil.copy(onnx_model, changed)
+    shutil.copy(onnx_model + '.json', changed + '.json')
+    with open(changed, 'ab') as f:
+        f.write(b'\0')
+    proc = run_tool([RUNNER, changed, good, '--out-dir', str(tmp_path / 'o1')])
+    assert proc.returncode == 2
+    assert f"model '{changed}' does not match '{changed}.json'" in proc.stderr
+    # no JSON beside the model
+    os.remove(changed + '.json')
+    proc = run_tool([RUNNER, changed, good, '--out-dir', str(tmp_path / 'o2')])
+    assert proc.returncode == 2 and f"'{changed}.json' not found" in proc.stderr
+    # a JSON of another format
+    renamed = str(tmp_path / 'model.pt2')
+    shutil.copy(onnx_model, renamed)
+    shutil.copy(onnx_model + '.json', renamed + '.json')
+    proc = run_tool([RUNNER, renamed, good, '--out-dir', str(tmp_path / 'o3')])
+    assert proc.returncode == 2
+    assert f"describes a onnx model but '{renamed}' is a pt2 file" in proc.stderr
+
+
+def test_runner_refuses_sizes_the_model_does_not_take(tmp_path):
+    runner = load_tool(RUNNER)
+    meta = dict(input=dict(dynamic=True, min_hw=[65, 65], max_hw=[None, None]))
+    assert runner.size_problem(224, 168, meta) is None
+    assert 'at least 65x65' in runner.size_problem(64, 300, meta)
+    # two-stage: 300 proposals need 300 encoder positions (13^2 + 7^2 + 4^2 + 2^2 = 238 at 100x100)
+    two_stage = dict(input=dict(meta['input'], feature_strides=[8, 16, 32, 64], min_tokens=300))
+    assert '238 encoder positions' in runner.size_problem(100, 100, two_stage)
+    assert runner.size_problem(150, 150, two_stage) is None
+    static = dict(input=dict(dynamic=False, min_hw=[168, 224], max_hw=[168, 224]))
+    assert runner.size_problem(168, 224, static) is None
+    assert 'exported for exactly 168x224' in runner.size_problem(224, 168, static)
+
+
+@pytest.mark.parametrize('size', [(96, 128), (120, 90), (33, 401), (500, 17)])
+def test_runner_resize_is_the_test_pipeline_resize(size):
+    from mmdet.datasets.transforms import Resize
+
+    runner = load_tool(RUNNER)
+    img = np.random.default_rng(size[0]).integers(0, 255, (*size, 3), dtype=np.uint8)
+    resize = dict(scale=[224, 224], keep_ratio=True, interpolation='bilinear')
+    actual, scale_factor = runner.resize_image(img, resize)
+    expected = Resize(scale=(224, 224), keep_ratio=True)(dict(img=img, img_shape=size))
+    np.testing.assert_array_equal(actual, expected['img'])
+    assert scale_factor == expected['scale_factor']
+
+
+def test_export_names_bad_input(tmp_path):
+    from ..test_apis.test_export import save_random_checkpoint
+
+    plain = save_random_checkpoint('plain', str(tmp_path / 'plain.pth'))
+    out = str(tmp_path / 'm.onnx')
+    proc = run_tool([EXPORT, CONFIG, plain, '--format', 'onnx', '--out', out])
+    assert proc.returncode == 2
+    assert f"checkpoint '{plain}' was trained as a plain Deformable DETR" in proc.stderr
+    assert not osp.exists(out)
+    proc = run_tool([EXPORT, CONFIG, plain, '--format', 'onnx', '--out', out, '--opset', '17'])
+    assert proc.returncode == 2 and '--opset must be from 18 to 23' in proc.stderr
+    proc = run_tool([EXPORT, CONFIG, plain, '--format', 'pt2', '--out', out])
+    assert proc.returncode == 2 and '--out must end in .pt2' in proc.stderr
+    proc = run_tool([EXPORT, CONFIG, str(tmp_path / 'none.pth'), '--format', 'onnx', '--out', out])
+    assert proc.returncode == 2 and 'checkpoint not found' in proc.stderr
+    with open(out, 'w') as f:
+        f.write('precious')
+    proc = run_tool([EXPORT, CONFIG, plain, '--format', 'onnx', '--out', out])
+    assert proc.returncode == 2 and 'exists; pass --overwrite' in proc.stderr
+    with open(out) as f:
+        assert f.read() == 'precious'
+
+
+def test_benchmark_table_and_arguments():
+    bench = load_tool('tools/deployment/benchmark.py')
+    table = bench.format_table({'mmdet': (2.0, 4.0), 'pt2': (0.5, 1.0)}, (512, 672), 2)
+    assert '| mmdet 3.3 eager | 2.000 | 1.00x | 4.000 | 1.00x |' in table
+    assert '| ours pt2 (AOTInductor) | 0.500 | 4.00x | 1.000 | 4.00x |' in table
+    assert 'ONNX Runtime' not in table  # paths not timed have no row
+    assert bench.parse_args([]).paths == list(bench.PATHS)
+    with pytest.raises(SystemExit):
+        bench.parse_args(['--shape', '32', '32'])

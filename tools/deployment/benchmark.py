@@ -1,0 +1,270 @@
+"""Inference time of the deployment paths side by side, in one run: mmdet 3.3's
+eager Deformable DETR, ours eager, ours exported (AOTInductor ``.pt2``, ONNX
+Runtime, OpenVINO when installed), all with the same weights.
+
+Both detectors are built by ``mmdet.apis.init_detector`` (ours from
+``configs/deformable_detr/two_stage_r50.py``, mmdet's from its packaged
+``deformable-detr-refine-twostage_r50_16xb2-50e_coco.py``), mmdet's
+initialised weights are loaded into ours, and ours is exported as
+``tools/deployment/export.py`` does (dynamic sizes unless ``--static``). Every
+path runs on one random uint8 image of ``--shape`` (default 512x672): the
+eager models through ``test_step`` (preprocessing, predict, rescale), the
+exported ones from the uint8 image to the final detections. The paths run in
+turn within every iteration (1 warm-up + ``--iters`` timed), so a change of
+machine load hits all of them; the table gives the medians and the speed-up
+over mmdet's eager inference.
+
+Example (2 threads, the numbers of docs/deployment.md)::
+
+    OMP_NUM_THREADS=2 python tools/deployment/benchmark.py --threads 2 --iters 5
+"""
+
+import argparse
+import logging
+import os
+import os.path as osp
+import statistics
+import tempfile
+import time
+import warnings
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+OUR_CONFIG = osp.join(REPO_ROOT, 'configs', 'deformable_detr', 'two_stage_r50.py')
+MMDET_CONFIG = 'deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_coco.py'
+PATHS = ('mmdet', 'ours', 'optimised', 'pt2', 'onnxruntime', 'openvino')
+LABELS = {
+    'mmdet': 'mmdet 3.3 eager',
+    'ours': 'ours eager',
+    'optimised': 'ours optimised (apis.optimize_for_inference)',
+    'pt2': 'ours pt2 (AOTInductor)',
+    'onnxruntime': 'ours ONNX Runtime (no custom op)',
+    'openvino': 'ours OpenVINO (same ONNX)',
+}
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--config', default=OUR_CONFIG, help='our config')
+    parser.add_argument('--mmdet-config', default=MMDET_CONFIG, help="mmdet's config")
+    parser.add_argument('--shape', type=int, nargs=2, default=(512, 672), metavar=('H', 'W'))
+    parser.add_argument('--iters', type=int, default=5, help='timed iterations per path')
+    parser.add_argument('--warmup', type=int, default=1, help='untimed iterations per path')
+    parser.add_argument('--threads', type=int, default=2, help='CPU threads of every runtime')
+    parser.add_argument(
+        '--paths',
+        nargs='+',
+        default=list(PATHS),
+        choices=PATHS,
+        help='what to time (missing runtimes and APIs are skipped with a note)',
+    )
+    parser.add_argument('--static', action='store_true', help='export for exactly --shape')
+    parser.add_argument('--opset', type=int, default=20, help='ONNX opset (default: %(default)s)')
+    parser.add_argument(
+        '--work-dir', default=None, help='where the exported files go (default: a temporary folder)'
+    )
+    parser.add_argument(
+        '--reuse-exports',
+        action='store_true',
+        help='time model.onnx / model.pt2 already in --work-dir (exported by an earlier run with '
+        'the same options) instead of exporting again',
+    )
+    args = parser.parse_args(argv)
+    if args.iters < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error('--iters and --threads must be >= 1, --warmup >= 0')
+    if min(args.shape) < 65:
+        parser.error(f'--shape must be at least 65x65, got {args.shape}')
+    return args
+
+
+def build_models(args: argparse.Namespace):
+    """mmdet's and our detector (eval mode), with mmdet's initialised weights in both."""
+    import mmdet
+    from mmdet.apis import init_detector
+    from mmengine.config import Config
+    from mmengine.logging import MMLogger
+
+    MMLogger.get_current_instance().setLevel(logging.ERROR)
+    mmdet_config = args.mmdet_config
+    if not osp.isfile(mmdet_config):
+        mmdet_config = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', mmdet_config)
+    options = {'model.backbone.init_cfg': None}
+    models = {}
+    for name, path in (('mmdet', mmdet_config), ('ours', args.config)):
+        models[name] = init_detector(
+            Config.fromfile(path), None, device='cpu', cfg_options=dict(options)
+        )
+    torch.manual_seed(0)
+    models['mmdet'].init_weights()
+    models['ours'].load_state_dict(models['mmdet'].state_dict(), strict=True)
+    for model in models.values():
+        model.eval()
+    return models, Config.fromfile(args.config)
+
+
+def eager_step(model, image: np.ndarray) -> Callable[[], None]:
+    from mmdet.structures import DetDataSample
+
+    h, w = image.shape[:2]
+    sample = DetDataSample(
+        metainfo=dict(img_shape=(h, w), ori_shape=(h, w), scale_factor=(1.0, 1.0))
+    )
+    data = dict(
+        inputs=[torch.from_numpy(image).permute(2, 0, 1).contiguous()], data_samples=[sample]
+    )
+
+    def step():
+        with torch.no_grad():
+            model.test_step(data)
+
+    return step
+
+
+def exported_steps(args, model, cfg, image: np.ndarray, work_dir: str) -> Dict[str, Callable]:
+    """Export ours once per format and return the runners of the asked paths."""
+    from mmdet_deform.apis.export import (
+        ExportableDetector,
+        export_onnx,
+        export_pt2,
+        read_preprocessing,
+    )
+
+    module = ExportableDetector(model, **read_preprocessing(cfg)).eval()
+    example = torch.from_numpy(image)
+    dynamic = not args.static
+    steps = {}
+    if 'pt2' in args.paths:
+        path = osp.join(work_dir, 'model.pt2')
+        if not (args.reuse_exports and osp.isfile(path)):
+            start = time.perf_counter()
+            export_pt2(module, example, path, dynamic=dynamic)
+            print(f'pt2: exported and compiled in {time.perf_counter() - start:.0f} s', flush=True)
+        compiled = torch._inductor.aoti_load_package(path)
+        tensor = torch.from_numpy(image)
+
+        def run_pt2():
+            with torch.inference_mode():
+                compiled(tensor)
+
+        steps['pt2'] = run_pt2
+    if {'onnxruntime', 'openvino'} & set(args.paths):
+        path = osp.join(work_dir, 'model.onnx')
+        if not (args.reuse_exports and osp.isfile(path)):
+            start = time.perf_counter()
+            export_onnx(module, example, path, args.opset, dynamic=dynamic)
+            print(f'onnx: exported in {time.perf_counter() - start:.0f} s', flush=True)
+        if 'onnxruntime' in args.paths:
+            steps['onnxruntime'] = onnxruntime_step(path, image, args.threads)
+        if 'openvino' in args.paths:
+            steps['openvino'] = openvino_step(path, image, args.threads)
+    return {k: v for k, v in steps.items() if v is not None}
+
+
+def onnxruntime_step(path: str, image: np.ndarray, threads: int) -> Optional[Callable]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        print('onnxruntime is not installed: its row is skipped')
+        return None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+    return lambda: session.run(None, {'image': image})
+
+
+def openvino_step(path: str, image: np.ndarray, threads: int) -> Optional[Callable]:
+    try:
+        import openvino as ov
+    except ImportError:
+        print('openvino is not installed: its row is skipped')
+        return None
+    core = ov.Core()
+    compiled = core.compile_model(
+        core.read_model(path),
+        'CPU',
+        {'INFERENCE_NUM_THREADS': threads, 'PERFORMANCE_HINT': 'LATENCY'},
+    )
+    request = compiled.create_infer_request()
+    return lambda: request.infer({'image': image})
+
+
+def optimised_step(model, image: np.ndarray) -> Optional[Callable]:
+    """Ours after ``mmdet_deform.apis.optimize_for_inference`` (where it exists)."""
+    try:
+        from mmdet_deform.apis import optimize_for_inference
+    except ImportError:
+        print('mmdet_deform.apis.optimize_for_inference does not exist yet: its row is skipped')
+        return None
+    import copy
+
+    return eager_step(optimize_for_inference(copy.deepcopy(model)), image)
+
+
+def time_interleaved(steps: Dict[str, Callable], warmup: int, iters: int) -> Dict[str, Tuple]:
+    """Median (wall, cpu) seconds of every step, the steps taking turns."""
+    samples = {name: [] for name in steps}
+    for it in range(warmup + iters):
+        for name, step in steps.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            step()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            print(f'  {name} it {it}: {wall:.3f} s wall, {cpu:.3f} s cpu', flush=True)
+            if it >= warmup:
+                samples[name].append((wall, cpu))
+    return {
+        name: tuple(statistics.median(s[i] for s in values) for i in (0, 1))
+        for name, values in samples.items()
+    }
+
+
+def format_table(medians: Dict[str, Tuple], shape: Tuple[int, int], threads: int) -> str:
+    base_wall, base_cpu = medians.get('mmdet', (float('nan'), float('nan')))
+    lines = [
+        f'| path ({shape[0]}x{shape[1]}, {threads} threads) | wall (s) | speed-up | '
+        'CPU (s) | CPU speed-up |',
+        '| --- | --- | --- | --- | --- |',
+    ]
+    for name in PATHS:
+        if name not in medians:
+            continue
+        wall, cpu = medians[name]
+        lines.append(
+            f'| {LABELS[name]} | {wall:.3f} | {base_wall / wall:.2f}x | {cpu:.3f} | '
+            f'{base_cpu / cpu:.2f}x |'
+        )
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Tuple]:
+    args = parse_args(argv)
+    warnings.filterwarnings('ignore')
+    torch.set_num_threads(args.threads)
+    import mmdet_deform  # noqa: F401  (registers our model and the op)
+
+    gen = np.random.default_rng(0)
+    image = gen.integers(0, 256, (*args.shape, 3), dtype=np.uint8)
+    models, cfg = build_models(args)
+    steps = {}
+    if 'mmdet' in args.paths:
+        steps['mmdet'] = eager_step(models['mmdet'], image)
+    if 'ours' in args.paths:
+        steps['ours'] = eager_step(models['ours'], image)
+    if 'optimised' in args.paths:
+        step = optimised_step(models['ours'], image)
+        if step is not None:
+            steps['optimised'] = step
+    work_dir = args.work_dir or tempfile.mkdtemp(prefix='deploy_bench_')
+    os.makedirs(work_dir, exist_ok=True)
+    steps.update(exported_steps(args, models['ours'], cfg, image, work_dir))
+    print(f'timing {list(steps)}: {args.warmup} warm-up + {args.iters} timed, in turn', flush=True)
+    medians = time_interleaved(steps, args.warmup, args.iters)
+    print(format_table(medians, tuple(args.shape), args.threads))
+    return medians
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,107 @@
+"""Export a trained Deformable DETR for deployment: ONNX (standard operators,
+runs in stock ONNX Runtime / OpenVINO) or an AOTInductor package (``.pt2``).
+
+    python tools/deployment/export.py CONFIG CHECKPOINT --format onnx --out model.onnx
+    python tools/deployment/export.py CONFIG CHECKPOINT --format pt2 --out model.pt2
+
+The graph takes one uint8 (H, W, 3) BGR image as the test pipeline's Resize
+leaves it and returns ``boxes`` (N, 4), ``scores`` (N,) and ``labels`` (N,)
+(N = ``test_cfg.max_per_img``, sorted by score); normalisation, padding and
+the head's sigmoid + top-k are inside. Height and width are dynamic unless
+``--shape H W`` is given. ``<out>.json`` holds what
+``tools/deployment/run_exported.py`` needs (classes, resize, valid sizes...).
+Bad input (missing files, a checkpoint of another variant, an unsupported
+opset, an existing output without ``--overwrite``) stops with a message naming
+it and exit code 2.
+"""
+
+import argparse
+import os.path as osp
+import sys
+import time
+from typing import List, Optional
+
+import torch  # noqa: F401  (first: mmdet_deform._C needs libtorch loaded)
+
+FORMATS = ('onnx', 'pt2')
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('config', help='config file of the detector')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--format', required=True, choices=FORMATS, dest='fmt')
+    parser.add_argument('--out', required=True, help='model file to write (.onnx / .pt2)')
+    parser.add_argument(
+        '--opset', type=int, default=20, help='ONNX opset, 18 to 23 (default: %(default)s)'
+    )
+    parser.add_argument(
+        '--shape',
+        type=int,
+        nargs=2,
+        metavar=('H', 'W'),
+        help='export for exactly this input size (after the resize) instead of dynamic sizes',
+    )
+    parser.add_argument(
+        '--score-thr',
+        type=float,
+        default=0.3,
+        help="the runner's default drawing threshold (default: %(default)s)",
+    )
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument('--overwrite', action='store_true', help='replace existing output files')
+    args = parser.parse_args(argv)
+    for name, path in (('config', args.config), ('checkpoint', args.checkpoint)):
+        if not osp.isfile(path):
+            parser.error(f'{name} not found: {path!r}')
+    suffix = '.' + args.fmt
+    if not args.out.endswith(suffix):
+        parser.error(f'--out must end in {suffix} for --format {args.fmt}, got {args.out!r}')
+    if args.fmt == 'onnx' and not 18 <= args.opset <= 23:
+        parser.error(f'--opset must be from 18 to 23 (GridSample, the exporter), got {args.opset}')
+    if args.shape is not None and min(args.shape) < 1:
+        parser.error(f'--shape must be two positive sizes, got {args.shape}')
+    if not 0 <= args.score_thr <= 1:
+        parser.error(f'--score-thr must be in [0, 1], got {args.score_thr}')
+    if args.threads is not None and args.threads < 1:
+        parser.error(f'--threads must be >= 1, got {args.threads}')
+    if not args.overwrite:
+        for path in (args.out, args.out + '.json'):
+            if osp.exists(path):
+                parser.error(f'{path!r} exists; pass --overwrite to replace it')
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    from mmdet_deform.apis.export import export_detector
+
+    start = time.perf_counter()
+    try:
+        metadata = export_detector(
+            args.config,
+            args.checkpoint,
+            fmt=args.fmt,
+            out=args.out,
+            opset_version=args.opset,
+            shape=tuple(args.shape) if args.shape else None,
+            score_thr=args.score_thr,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f'export.py: error: {e}', file=sys.stderr)
+        sys.exit(2)
+    sizes = metadata['input']
+    kind = 'dynamic' if sizes['dynamic'] else 'static'
+    print(
+        f'exported a {metadata["variant"]} Deformable DETR to {args.out} '
+        f'({osp.getsize(args.out) / 2**20:.1f} MiB, {kind} input {sizes["min_hw"]} to '
+        f'{sizes["max_hw"]}) and {args.out}.json in {time.perf_counter() - start:.0f} s'
+    )
+    return metadata
+
+
+if __name__ == '__main__':
+    main()
