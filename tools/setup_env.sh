@@ -13,7 +13,8 @@
 #      source once in a throwaway build venv (mmcv's setup.py needs
 #      setuptools<70, recent torch wants >=77) and cached in
 #      ~/.cache/mmdet_deform/wheels (override with MMDET_DEFORM_CACHE).
-#   3. requirements/{build,runtime,openmmlab,tests}.txt.
+#   3. requirements/{build,runtime,openmmlab,tests,deploy}.txt (deploy: the
+#      ONNX exporter and ONNX Runtime, so the tests cover export).
 #   4. `pip install --no-build-isolation -e .`, which compiles mmdet_deform._C;
 #      redone whenever setup.py or a file under mmdet_deform/ops/csrc changes.
 #
@@ -97,16 +98,16 @@ fi
 
 # --- 3. the other requirements ----------------------------------------------
 DEPS_STAMP="$VENV/.mmdet_deform_deps"
-deps_hash="$(hash_of "$ROOT"/requirements/{build,runtime,openmmlab,tests,constraints}.txt)"
+deps_hash="$(hash_of "$ROOT"/requirements/{build,runtime,openmmlab,tests,deploy,constraints}.txt)"
 deps_hash="$deps_hash-$(basename "$MMCV_WHEEL")-$(basename "$MMENGINE_WHEEL")"
 if [ "$(cat "$DEPS_STAMP" 2>/dev/null)" != "$deps_hash" ]; then
   t2=$(now)
-  log "installing runtime, build and test requirements"
+  log "installing runtime, build, test and deployment requirements"
   "${PIP[@]}" install -q -c "$CONSTRAINTS" opencv-python-headless numpy
   "${PIP[@]}" install -q --no-deps "$MMENGINE_WHEEL" "$MMCV_WHEEL"
   "${PIP[@]}" install -q -c "$CONSTRAINTS" -r "$ROOT/requirements/build.txt" \
     -r "$ROOT/requirements/runtime.txt" -r "$ROOT/requirements/openmmlab.txt" \
-    -r "$ROOT/requirements/tests.txt"
+    -r "$ROOT/requirements/tests.txt" -r "$ROOT/requirements/deploy.txt"
   "${PIP[@]}" check
   echo "$deps_hash" >"$DEPS_STAMP"
   log "requirements installed in $(( $(now) - t2 ))s"
