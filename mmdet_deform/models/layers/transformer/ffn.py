@@ -9,7 +9,7 @@ names, same math) whose forward, for the usual two-layer ReLU network:
 * drops out with :class:`~mmdet_deform.ops.Dropout` modules in place of
   mmcv's ``nn.Dropout`` ones (same positions, same ``p``; dropout is
   switched off as in mmdet, with ``ffn_drop=0`` or ``eval()``): in CPU
-  training they draw their masks ~4x faster than ``nn.Dropout``, which
+  training they draw their masks faster than ``nn.Dropout`` (docs/benchmarks.md), which
   matters over the encoder's (tokens, feedforward_channels) activations;
   the hidden ReLU and dropout run as one pass that keeps no mask
   (:meth:`~mmdet_deform.ops.Dropout.relu_forward`).
