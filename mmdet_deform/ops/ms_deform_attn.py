@@ -272,8 +272,8 @@ class MultiScaleDeformableAttention(BaseModule):
         where ``v`` is the value with padded keys zeroed and ``1`` the
         indicator of valid keys (a bilinear corner outside the map or on
         padding contributes 0 to both sums, as to the original). Sampling the
-        unprojected value, with its validity as one extra channel, once per
-        (query, head) and projecting the samples replaces a
+        unprojected value and its validity once per (query, head) and
+        projecting the samples replaces a
         num_keys x C x C projection by a num_queries x num_heads x C x C/heads
         one. It is used when it is cheaper, ``num_queries * num_heads <
         num_keys`` (a decoder's cross-attention: 300 x 8 queries x heads
@@ -549,32 +549,34 @@ class MultiScaleDeformableAttention(BaseModule):
         locations: Tensor,
         weights: Tensor,
     ) -> Tensor:
-        """Sample the unprojected value (with its validity channel), then
-        project each head's samples: (bs, nk, c) -> (bs, nq, nh * head_dim)."""
+        """Sample the unprojected value and its validity, then project each
+        head's samples: (bs, nk, c) -> (bs, nq, nh * head_dim)."""
         bs, num_queries, nh, nl, npts, _ = locations.shape
         channels = value.shape[-1]
-        # (bs, nk, c) -> (bs, nk, c + 1): padded keys zeroed, validity appended
         if key_padding_mask is None:
-            value = torch.cat([value, value.new_ones(value.shape[:-1] + (1,))], -1)
+            valid = value.new_ones(value.shape[:-1] + (1,))  # (bs, nk, 1)
         else:
             valid = (~key_padding_mask)[..., None].to(value.dtype)  # (bs, nk, 1)
-            value = torch.cat([value * valid, valid], -1)
+            value = value * valid  # padded keys contribute nothing
         # every (query, head) pair samples all channels as one head:
         # (bs, nq, nh, nl, np, 2) -> (bs, nq*nh, 1, nl, np, 2)
+        locations = _op_dtype(locations, value).reshape(bs, num_queries * nh, 1, nl, npts, 2)
+        weights = _op_dtype(weights, value).reshape(bs, num_queries * nh, 1, nl, npts)
         sampled = ms_deform_attn(
-            value[:, :, None, :],
-            spatial_shapes,
-            level_start_index,
-            _op_dtype(locations, value).reshape(bs, num_queries * nh, 1, nl, npts, 2),
-            _op_dtype(weights, value).reshape(bs, num_queries * nh, 1, nl, npts),
-        )
-        # (bs, nq*nh, c+1) -> (bs, nq, nh, c+1)
-        sampled = sampled.view(bs, num_queries, nh, channels + 1)
+            value[:, :, None, :], spatial_shapes, level_start_index, locations, weights
+        )  # (bs, nq*nh, c)
+        # the weighted bilinear sum of the validity: what multiplies the bias
+        coverage = ms_deform_attn(
+            valid[:, :, None, :], spatial_shapes, level_start_index, locations, weights
+        )  # (bs, nq*nh, 1)
+        # (bs, nq*nh, c) -> (bs, nq, nh, c); (bs, nq*nh, 1) -> (bs, nq, nh, 1)
+        sampled = sampled.view(bs, num_queries, nh, channels)
+        coverage = coverage.view(bs, num_queries, nh, 1)
         head_weight = self.value_proj.weight.view(nh, -1, channels)  # (nh, d, c)
         head_bias = self.value_proj.bias.view(nh, -1)  # (nh, d)
-        # per head: (bs, nq, c) @ (c, d) + validity * bias -> (bs, nq, nh, d)
-        projected = torch.einsum('bqhc,hdc->bqhd', sampled[..., :channels], head_weight)
-        projected = projected + sampled[..., channels:] * head_bias
+        # per head: (bs, nq, c) @ (c, d) + coverage * bias -> (bs, nq, nh, d)
+        projected = torch.einsum('bqhc,hdc->bqhd', sampled, head_weight)
+        projected = projected + coverage * head_bias
         return projected.reshape(bs, num_queries, -1)
 
 

@@ -338,8 +338,9 @@ def test_autocast_keeps_sampling_locations_in_float32(monkeypatch):
         monkeypatch.setattr(msda, '_op_dtype', lambda tensor, value: tensor.to(value.dtype))
         with torch.autocast('cpu', dtype=torch.bfloat16):
             model._forward(inputs, samples)
-    num_layers = len(model.encoder.layers) + len(model.decoder.layers)
-    assert recorder.dtypes == [(torch.float32, torch.float32)] * num_layers
+    # one call per encoder layer, two per decoder layer (value, then its validity)
+    num_calls = len(model.encoder.layers) + 2 * len(model.decoder.layers)
+    assert recorder.dtypes == [(torch.float32, torch.float32)] * num_calls
 
     # encoder memory and decoder queries: (float32, autocast, autocast with rounded locations)
     # (the decoder adds bfloat16 rounding of its own, hence the looser bound)

@@ -172,8 +172,7 @@ def test_sample_then_project_equals_project_then_sample(reference_dims, masked):
     ).double()
     sampling_first.load_state_dict(attn.state_dict())
     calls = []
-    # 5 queries x 4 heads < 30 keys: the sampled value has one channel more
-    # (the validity of every key) and a single head
+    # 5 queries x 4 heads < 30 keys: the module samples first
     sampling_first.register_forward_hook(lambda m, a, out: calls.append(out.shape))
     kwargs = dict(
         value=memory,
@@ -198,7 +197,8 @@ def test_sample_then_project_equals_project_then_sample(reference_dims, masked):
         output = sampling_first(query, **kwargs)
     finally:
         msda.ms_deform_attn = original
-    assert seen == [(2, 30, 4, 8), (2, 30, 1, 33)]  # projected heads, then raw value + validity
+    # projected heads; then the raw value and its validity, one head each
+    assert seen == [(2, 30, 4, 8), (2, 30, 1, 32), (2, 30, 1, 1)]
     assert calls == [(2, 5, 32)]
     assert torch.allclose(output, expected, rtol=0, atol=1e-12)
     (expected_grad,) = torch.autograd.grad(expected.sum(), memory)
