@@ -60,3 +60,41 @@ def test_detr_baseline_mirrors_the_deformable_shapes_recipe():
     assert torch.isfinite(total)
     total.backward()
     assert model.backbone.conv1.weight.grad.abs().sum() > 0
+
+
+def test_dino_shapes_is_the_shapes_recipe_with_the_three_switches():
+    """configs/dino/dino_shapes.py changes only the detector of the shapes
+    recipe: DINO with mixed query selection, look forward twice and
+    denoising, which train (denoising losses, finite, gradients flow)."""
+    import torch
+    from mmengine.registry import init_default_scope
+
+    from mmdet_deform.models import DINO
+    from mmdet_deform.registry import MODELS
+
+    from .test_models.parity_utils import make_batch
+
+    init_default_scope('mmdet_deform')
+    dino = Config.fromfile(osp.join(CONFIG_DIR, 'dino', 'dino_shapes.py'))
+    base = Config.fromfile(osp.join(CONFIG_DIR, 'deformable_detr', 'two_stage_shapes.py'))
+    for key in ('train_dataloader', 'val_dataloader', 'optim_wrapper', 'param_scheduler'):
+        assert dino[key] == base[key], key
+    assert dino.train_cfg == base.train_cfg
+    for key in ('backbone', 'neck', 'encoder', 'num_queries', 'positional_encoding'):
+        assert dino.model[key] == base.model[key], key
+
+    torch.manual_seed(0)
+    model = MODELS.build(dino.model)
+    assert type(model) is DINO
+    assert model.as_two_stage and model.with_box_refine
+    assert model.decoder.look_forward_twice
+    model.init_weights()
+    inputs, samples = make_batch(dino.model.bbox_head.num_classes, dtype=torch.float32)
+    losses = model.loss(inputs, samples)
+    for key in ('loss_cls', 'enc_loss_cls', 'dn_loss_cls', 'dn_loss_bbox', 'd0.dn_loss_iou'):
+        assert key in losses, sorted(losses)
+    total = sum(v for k, v in losses.items() if 'loss' in k)
+    assert torch.isfinite(total)
+    total.backward()
+    assert model.query_embedding.weight.grad.abs().sum() > 0
+    assert model.dn_query_generator.label_embedding.weight.grad.abs().sum() > 0

@@ -97,6 +97,34 @@ def test_bad_inputs_are_named(analyze_logs, tmp_path):
         analyze_logs.parse_args(['plot_curve', 'a', 'b', '--legend', 'only_one'])
 
 
+def test_val_table_prints_the_metrics_of_each_run(analyze_logs, tmp_path):
+    for name, maps in (('a', [0.1, 0.3]), ('b', [0.2])):
+        vis = tmp_path / name / 'vis_data'
+        vis.mkdir(parents=True)
+        lines = [json.dumps(dict(loss=1.0, iter=1, epoch=1, step=1, time=0.5))]
+        lines += [
+            json.dumps({'coco/bbox_mAP': m, 'coco/bbox_mAP_50': 2 * m, 'step': e})
+            for e, m in enumerate(maps, 1)
+        ]
+        (vis / 'scalars.json').write_text('\n'.join(lines) + '\n')
+    runs = [analyze_logs.load_run(str(tmp_path / n)) for n in ('a', 'b')]
+    table = analyze_logs.val_table(runs, ['coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/bbox_mAP_s'])
+    assert table.splitlines() == [
+        '| run | epoch | bbox_mAP | bbox_mAP_50 | bbox_mAP_s |',
+        '| --- | --- | --- | --- | --- |',
+        '| a | 2 | 0.300 | 0.600 | - |',
+        '| b | 1 | 0.200 | 0.400 | - |',
+    ]
+    every = analyze_logs.val_table(runs[:1], ['coco/bbox_mAP'], all_epochs=True)
+    assert every.splitlines()[2:] == ['| a | 1 | 0.100 |', '| a | 2 | 0.300 |']
+    proc = run_tool(
+        ['tools/analysis_tools/analyze_logs.py', 'val_table', str(tmp_path / 'a')]
+        + ['--legend', 'first']
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '| first | 2 | 0.300 | 0.600 | - | - |' in proc.stdout
+
+
 def test_cal_train_time(dist_run):
     assert dist_run.proc.returncode == 0, 'the training run failed'
     proc = run_tool(['tools/analysis_tools/analyze_logs.py', 'cal_train_time', dist_run.work_dir])

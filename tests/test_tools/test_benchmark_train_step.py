@@ -13,6 +13,9 @@ from .conftest import smoke_options
 CONFIGS = [
     osp.join('configs', 'deformable_detr', 'two_stage_shapes.py'),
     osp.join('configs', 'detr', 'detr_shapes.py'),
+    # an entry with its own overrides: a switch of the first config
+    osp.join('configs', 'deformable_detr', 'two_stage_shapes.py')
+    + ' model.look_forward_twice=True model.num_queries_one2many=20',
 ]
 
 
@@ -70,6 +73,22 @@ def test_mode_defaults():
     args = tool.parse_args(['--configs', 'a.py', 'b.py'])
     assert args.configs == ['a.py', 'b.py']
     assert (args.iters, args.warmup) == (10, 2)
+
+
+def test_config_entry_overrides_are_parsed():
+    tool = load_tool()
+    assert tool.parse_config_entry('a.py') == ('a.py', {})
+    config, overrides = tool.parse_config_entry(
+        'a.py model.look_forward_twice=True model.k_one2many=6 model.neck.in_channels=[1,2]'
+    )
+    assert config == 'a.py'
+    assert overrides == {
+        'model.look_forward_twice': True,
+        'model.k_one2many': 6,
+        'model.neck.in_channels': [1, 2],
+    }
+    with pytest.raises(ValueError, match=r"'a.py look_forward_twice'.*KEY=VALUE"):
+        tool.parse_config_entry('a.py look_forward_twice')
 
 
 @pytest.mark.parametrize(

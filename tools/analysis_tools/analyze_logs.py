@@ -3,6 +3,8 @@
     python tools/analysis_tools/analyze_logs.py plot_curve RUN [RUN ...] \\
         [--keys loss coco/bbox_mAP] [--legend A B] [--x-axis step|time] [--out curves.png]
     python tools/analysis_tools/analyze_logs.py cal_train_time RUN [RUN ...]
+    python tools/analysis_tools/analyze_logs.py val_table RUN [RUN ...] \\
+        [--keys coco/bbox_mAP coco/bbox_mAP_50] [--legend A B] [--all-epochs]
 
 A RUN is a work dir (all its ``<timestamp>/vis_data/scalars.json`` are read in
 time order, so a resumed run is one curve), one timestamp dir, or a
@@ -11,6 +13,8 @@ colour, so several runs compare in one PNG. Training keys (``loss``, ``lr``...)
 are plotted against the iteration, validation keys (``coco/bbox_mAP``...)
 against the epoch; ``--x-axis time`` plots both against the training time in
 minutes (the sum of the logged iteration times, validation excluded).
+``val_table`` prints the validation metrics of each run's last epoch (or of
+every epoch) as a Markdown table.
 """
 
 import argparse
@@ -180,6 +184,30 @@ def train_time_summary(run: RunLog) -> str:
     return '\n'.join(lines)
 
 
+DEFAULT_TABLE_KEYS = ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/bbox_mAP_75', 'coco/bbox_mAP_s')
+
+
+def val_table(
+    runs: Sequence[RunLog], keys: Optional[Sequence[str]] = None, all_epochs: bool = False
+) -> str:
+    """A Markdown table of the validation metrics of ``runs``: one row per run
+    (its last validated epoch) or, with ``all_epochs``, per validated epoch.
+    Missing metrics print as ``-``."""
+    keys = list(keys or DEFAULT_TABLE_KEYS)
+    lines = [
+        '| run | epoch | ' + ' | '.join(k.rsplit('/', 1)[-1] for k in keys) + ' |',
+        '| --- | --- |' + ' --- |' * len(keys),
+    ]
+    for run in runs:
+        records = run.val if all_epochs else run.val[-1:]
+        if not records:
+            lines.append(f'| {run.name} | - |' + ' - |' * len(keys))
+        for rec in records:
+            values = [f'{rec[k]:.3f}' if k in rec else '-' for k in keys]
+            lines.append(f'| {run.name} | {rec["step"]} | ' + ' | '.join(values) + ' |')
+    return '\n'.join(lines)
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Analyze mmengine training logs')
     sub = parser.add_subparsers(dest='task', required=True)
@@ -192,8 +220,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     plot.add_argument('--out', default='curves.png', help='output PNG (default: %(default)s)')
     timing = sub.add_parser('cal_train_time', help='iteration time statistics of runs')
     timing.add_argument('runs', nargs='+')
+    table = sub.add_parser('val_table', help='validation metrics of runs as a Markdown table')
+    table.add_argument('runs', nargs='+', help='work dirs, timestamp dirs or scalars.json files')
+    table.add_argument(
+        '--keys', nargs='+', help=f'metrics (default: {" ".join(DEFAULT_TABLE_KEYS)})'
+    )
+    table.add_argument('--legend', nargs='+', help='one label per run (default: dir names)')
+    table.add_argument('--all-epochs', action='store_true', help='a row per validated epoch')
     args = parser.parse_args(argv)
-    if args.task == 'plot_curve' and args.legend and len(args.legend) != len(args.runs):
+    legend = getattr(args, 'legend', None)
+    if legend and len(legend) != len(args.runs):
         parser.error(f'--legend needs one label per run: {len(args.runs)}, got {len(args.legend)}')
     return args
 
@@ -205,6 +241,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         runs = [load_run(r, n) for r, n in zip(args.runs, names)]
         out = plot_curves(runs, args.out, args.keys, args.x_axis, args.title)
         print(f'saved {out}')
+    elif args.task == 'val_table':
+        names = args.legend or [None] * len(args.runs)
+        runs = [load_run(r, n) for r, n in zip(args.runs, names)]
+        print(val_table(runs, args.keys, args.all_epochs))
     else:
         for run in args.runs:
             print(train_time_summary(load_run(run)))

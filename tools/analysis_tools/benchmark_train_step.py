@@ -23,10 +23,13 @@ config on real batches. Each config is built as ``tools/train.py`` builds it
 pipeline and batch size), then the configs take turns, one training step
 each, so a change in machine load hits all of them. Prints the median step
 time of each, the time of one epoch at that speed and the ratio to the first
-config::
+config. An entry may carry its own overrides after the path, in one quoted
+argument (``"CONFIG KEY=VALUE ..."``), to time a switch of one config::
 
     python tools/analysis_tools/benchmark_train_step.py --configs CONFIG [CONFIG ...] \\
         [--iters 10] [--warmup 2] [--threads 2] [--cfg-options KEY=VALUE ...]
+    python tools/analysis_tools/benchmark_train_step.py --configs CONFIG \\
+        "CONFIG model.look_forward_twice=True"
 """
 
 import argparse
@@ -64,7 +67,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         nargs='+',
         default=None,
         metavar='CONFIG',
-        help='time the training step of these configs side by side (instead of ours vs mmdet)',
+        help='time the training step of these configs side by side (instead of ours vs mmdet); '
+        'an entry "CONFIG KEY=VALUE ..." adds overrides to that config only',
     )
     parser.add_argument('--config', default=OUR_CONFIG, help='our config')
     parser.add_argument(
@@ -315,23 +319,45 @@ def run_device(args: argparse.Namespace, device: str) -> List[Row]:
     return rows
 
 
+def parse_config_entry(entry: str) -> Tuple[str, dict]:
+    """Split a ``--configs`` entry ``"CONFIG [KEY=VALUE ...]"`` into the
+    config path and its overrides (values parsed as ``--cfg-options`` parses
+    them).
+
+    Raises:
+        ValueError: naming the entry if an override is not ``KEY=VALUE``.
+    """
+    config, *options = entry.split()
+    overrides = {}
+    for option in options:
+        key, sep, value = option.partition('=')
+        if not sep or not key:
+            raise ValueError(
+                f'--configs entry {entry!r}: overrides after the config path must be '
+                f'KEY=VALUE, got {option!r}'
+            )
+        overrides[key] = DictAction._parse_iterable(value)
+    return config, overrides
+
+
 class ConfigStepTimer:
     """One config's model, optimizer wrapper and a fixed list of real batches
     (``--configs`` mode)."""
 
     def __init__(
-        self, config: str, num_batches: int, cfg_options: Optional[dict], work_dir: str
+        self, entry: str, num_batches: int, cfg_options: Optional[dict], work_dir: str
     ) -> None:
         from mmengine.optim import build_optim_wrapper
 
         from mmdet_deform.utils import build_runner, load_config
 
-        cfg = load_config(config, cfg_options, work_dir=work_dir)
+        config, overrides = parse_config_entry(entry)
+        cfg = load_config(config, {**(cfg_options or {}), **overrides}, work_dir=work_dir)
         cfg.train_dataloader.num_workers = 0  # batches are drawn up front, not timed
         cfg.train_dataloader.persistent_workers = False
         cfg.log_level = 'WARNING'
         runner = build_runner(cfg)
-        self.name = config
+        self.name = entry
         self.model = runner.model
         self.model.train()
         self.optim_wrapper = build_optim_wrapper(self.model, cfg.optim_wrapper)
