@@ -15,7 +15,7 @@ CONFIGS = [
     osp.join('configs', 'detr', 'detr_shapes.py'),
     # an entry with its own overrides: a switch of the first config
     osp.join('configs', 'deformable_detr', 'two_stage_shapes.py')
-    + ' model.look_forward_twice=True model.num_queries_one2many=20',
+    + ' model.look_forward_twice=False model.num_queries_one2many=20',
 ]
 
 
