@@ -10,8 +10,9 @@ embeddings, 2 encoder and 3 decoder layers with 256-wide feed-forward
 networks, no dropout (a small synthetic dataset seen 4 times does not
 overfit), 50 queries (an image holds at most 8 shapes), the 320 px images
 resized to 224 px, AdamW at lr 1e-3 with a 100-iteration warm-up and a cosine
-decay, and look forward twice (the one convergence switch that paid here, at
-no cost per step; docs/convergence.md compares them all). A smoke run::
+decay, and look forward twice (the one convergence switch that did not lose
+here, at no cost per step; docs/convergence.md compares them all). A smoke
+run::
 
     python tools/train.py configs/deformable_detr/two_stage_shapes.py --cfg-options \\
         train_dataloader.dataset.indices=16 val_dataloader.dataset.indices=8 \\
