@@ -59,6 +59,29 @@ def image(h: int, w: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=gen)
 
 
+def assert_same_detections(actual, expected, score_atol: float, box_atol: float) -> None:
+    """``(boxes, scores, labels)`` equal up to the tolerances, detections of
+    tied scores in any order: random weights give many scores equal to
+    within rounding, which two runtimes may rank either way. Each detection
+    is matched to an unused expected one of the same label, a score within
+    ``score_atol`` and the nearest box."""
+    boxes, scores, labels = (np.asarray(a) for a in actual)
+    exp_boxes, exp_scores, exp_labels = (np.asarray(e) for e in expected)
+    assert boxes.shape == exp_boxes.shape and scores.shape == exp_scores.shape
+    # both sorted by score: the sorted scores agree element by element
+    np.testing.assert_allclose(scores, exp_scores, rtol=0, atol=score_atol)
+    used = np.zeros(len(exp_scores), dtype=bool)
+    for i in range(len(scores)):
+        candidates = np.flatnonzero(
+            ~used & (np.abs(exp_scores - scores[i]) <= 2 * score_atol) & (exp_labels == labels[i])
+        )
+        assert len(candidates), f'detection {i} (label {labels[i]}, score {scores[i]}) unmatched'
+        distance = np.abs(exp_boxes[candidates] - boxes[i]).max(axis=1)
+        best = candidates[np.argmin(distance)]
+        assert distance.min() <= box_atol, (i, boxes[i], exp_boxes[best])
+        used[best] = True
+
+
 # ---------------------------------------------------------------- the module
 @pytest.mark.parametrize('variant', ['plain', 'two_stage'])
 def test_module_equals_the_detectors_own_prediction(checkpoints, tmp_path, variant):
@@ -198,6 +221,20 @@ def test_onnx_export_matches_eager_at_any_size(checkpoints, tmp_path, variant):
         with torch.no_grad():
             expected = [t.numpy() for t in module(img)]
         boxes, scores, labels = session.run(None, {'image': img.numpy()})
-        np.testing.assert_allclose(scores, expected[1], rtol=0, atol=1e-5)
-        np.testing.assert_allclose(boxes, expected[0], rtol=0, atol=1e-3)
-        np.testing.assert_array_equal(labels, expected[2])
+        assert_same_detections((boxes, scores, labels), expected, score_atol=1e-5, box_atol=1e-3)
+
+
+def test_detection_matching_allows_tied_order_only():
+    boxes = np.array([[0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 4, 4]], dtype=np.float32)
+    scores = np.array([0.5, 0.5, 0.3], dtype=np.float32)
+    labels = np.array([1, 1, 2])
+    swapped = (boxes[[1, 0, 2]], scores[[1, 0, 2]], labels[[1, 0, 2]])
+    assert_same_detections(swapped, (boxes, scores, labels), score_atol=1e-5, box_atol=1e-3)
+    moved = boxes.copy()
+    moved[0, 2] += 0.01
+    with pytest.raises(AssertionError):
+        assert_same_detections((moved, scores, labels), (boxes, scores, labels), 1e-5, 1e-3)
+    relabelled = labels.copy()
+    relabelled[2] = 0
+    with pytest.raises(AssertionError):
+        assert_same_detections((boxes, scores, relabelled), (boxes, scores, labels), 1e-5, 1e-3)
