@@ -27,6 +27,13 @@ def test_config_parses(path):
     assert 'model' in cfg
 
 
+def assert_same_training_recipe(cfg: Config, base: Config) -> None:
+    """Same data, optimizer, lr schedule and training loop as ``base``."""
+    for key in ('train_dataloader', 'val_dataloader', 'optim_wrapper', 'param_scheduler'):
+        assert cfg[key] == base[key], key
+    assert cfg.train_cfg == base.train_cfg
+
+
 def test_detr_baseline_mirrors_the_deformable_shapes_recipe():
     """configs/detr/detr_shapes.py builds mmdet's DETR with what applies of the
     deformable shapes recipe, and it trains (finite losses, gradients flow)."""
@@ -41,9 +48,7 @@ def test_detr_baseline_mirrors_the_deformable_shapes_recipe():
     init_default_scope('mmdet_deform')
     detr = Config.fromfile(osp.join(CONFIG_DIR, 'detr', 'detr_shapes.py'))
     ours = Config.fromfile(osp.join(CONFIG_DIR, 'deformable_detr', 'two_stage_shapes.py'))
-    for key in ('train_dataloader', 'val_dataloader', 'optim_wrapper', 'param_scheduler'):
-        assert detr[key] == ours[key], key
-    assert detr.train_cfg == ours.train_cfg
+    assert_same_training_recipe(detr, ours)
     assert detr.model.num_queries == ours.model.num_queries
     assert detr.model.encoder.num_layers == ours.model.encoder.num_layers
     assert detr.model.decoder.num_layers == ours.model.decoder.num_layers
@@ -77,9 +82,7 @@ def test_dino_shapes_is_the_shapes_recipe_with_the_three_switches():
     init_default_scope('mmdet_deform')
     dino = Config.fromfile(osp.join(CONFIG_DIR, 'dino', 'dino_shapes.py'))
     base = Config.fromfile(osp.join(CONFIG_DIR, 'deformable_detr', 'two_stage_shapes.py'))
-    for key in ('train_dataloader', 'val_dataloader', 'optim_wrapper', 'param_scheduler'):
-        assert dino[key] == base[key], key
-    assert dino.train_cfg == base.train_cfg
+    assert_same_training_recipe(dino, base)
     for key in ('backbone', 'neck', 'encoder', 'num_queries', 'positional_encoding'):
         assert dino.model[key] == base.model[key], key
 
