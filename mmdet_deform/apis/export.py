@@ -46,6 +46,7 @@ from torch import Tensor, nn
 __all__ = [
     'METADATA_SUFFIX',
     'METADATA_VERSION',
+    'PRECISIONS',
     'ExportableDetector',
     'export_detector',
     'export_onnx',
@@ -65,6 +66,10 @@ METADATA_SUFFIX = '.json'
 #: Version of the metadata layout (a runner refuses other versions).
 METADATA_VERSION = 1
 FORMATS = ('onnx', 'pt2')
+#: ``precision`` of :func:`export_detector` -> ``autocast_dtype`` of
+#: :class:`ExportableDetector`. bf16 is for ``.pt2`` packages: fast on CPUs
+#: with bf16 matrix units (AVX512-BF16, AMX), slower than float32 elsewhere.
+PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16}
 DEFAULT_OPSET = 20
 _INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'area', 'lanczos')
 
@@ -85,6 +90,13 @@ class ExportableDetector(nn.Module):
         pad_size_divisor (int): Pad the normalised image with zeros at the
             bottom/right to a multiple of this. Defaults to 1.
         pad_value (float): Value of the padding. Defaults to 0.
+        autocast_dtype (torch.dtype, optional): Run the backbone, neck,
+            encoder and decoder under ``torch.autocast`` to this dtype (only
+            ``torch.bfloat16``): matrix products and convolutions in bf16,
+            the rest as autocast decides. The preprocessing and the head
+            (classification and box branches, sigmoid, top-k, box
+            conversion) stay in float32, and so do the outputs. Defaults to
+            None (float32 throughout).
     """
 
     def __init__(
@@ -95,13 +107,17 @@ class ExportableDetector(nn.Module):
         bgr_to_rgb: bool = True,
         pad_size_divisor: int = 1,
         pad_value: float = 0.0,
+        autocast_dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f'mean and std must have 3 values, got {mean} and {std}')
         if pad_size_divisor < 1:
             raise ValueError(f'pad_size_divisor must be >= 1, got {pad_size_divisor}')
+        if autocast_dtype not in (None, torch.bfloat16):
+            raise ValueError(f'autocast_dtype must be None or torch.bfloat16, got {autocast_dtype}')
         self.detector = detector
+        self.autocast_dtype = autocast_dtype
         self.bgr_to_rgb = bgr_to_rgb
         self.pad_size_divisor = int(pad_size_divisor)
         self.pad_value = float(pad_value)
@@ -138,12 +154,30 @@ class ExportableDetector(nn.Module):
         sample.set_field((img_h + pad_h, img_w + pad_w), 'batch_input_shape', field_type='metainfo')
         sample.set_field((img_h, img_w), 'img_shape', field_type='metainfo')
         samples = [sample]
-        feats = self.detector.extract_feat(inputs)
-        head_inputs = self.detector.forward_transformer(feats, samples)
+        with torch.autocast(
+            inputs.device.type,
+            dtype=self.autocast_dtype or torch.bfloat16,
+            enabled=self.autocast_dtype is not None,
+        ):
+            feats = self.detector.extract_feat(inputs)
+            head_inputs = self.detector.forward_transformer(feats, samples)
+        head_inputs = _to_float32(head_inputs)
         results = self.detector.bbox_head.predict(
             **head_inputs, batch_data_samples=samples, rescale=False
         )[0]
         return results.bboxes, results.scores, results.labels
+
+
+def _to_float32(data):
+    """``data`` (tensors in dicts, lists and tuples) with its floating-point
+    tensors in float32."""
+    if isinstance(data, Tensor):
+        return data.float() if data.is_floating_point() else data
+    if isinstance(data, dict):
+        return {key: _to_float32(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(_to_float32(value) for value in data)
+    return data
 
 
 # --------------------------------------------------------------------------
@@ -498,6 +532,7 @@ def export_detector(
     shape: Optional[Tuple[int, int]] = None,
     score_thr: float = 0.3,
     overwrite: bool = False,
+    precision: str = 'fp32',
 ) -> Dict:
     """Export the detector of ``config`` with the weights of ``checkpoint``.
 
@@ -512,12 +547,22 @@ def export_detector(
             after the resize instead of dynamic sizes.
         score_thr (float): The runner's default score threshold for drawing.
         overwrite (bool): Replace existing ``out`` / metadata files.
+        precision (str): ``'fp32'`` (the default) or ``'bf16'`` (``pt2``
+            only): the backbone, neck, encoder and decoder run under bf16
+            autocast (see :class:`ExportableDetector`).
 
     Returns:
         dict: The metadata written.
     """
     if fmt not in FORMATS:
         raise ValueError(f'fmt must be one of {FORMATS}, got {fmt!r}')
+    if precision not in PRECISIONS:
+        raise ValueError(f'precision must be one of {tuple(PRECISIONS)}, got {precision!r}')
+    if precision != 'fp32' and fmt != 'pt2':
+        raise ValueError(
+            f"precision={precision!r} is for fmt='pt2' only (the ONNX export is float32), "
+            f'got fmt={fmt!r}'
+        )
     if fmt == 'onnx':
         from mmdet_deform.ops.onnx import check_opset
 
@@ -534,7 +579,7 @@ def export_detector(
     model, cfg, meta = load_detector(config, checkpoint)
     preprocessing = read_preprocessing(cfg)
     resize = read_test_resize(cfg)
-    module = ExportableDetector(model, **preprocessing).eval()
+    module = ExportableDetector(model, **preprocessing, autocast_dtype=PRECISIONS[precision]).eval()
     example = _example_image(resize, shape)
     out_dir = osp.dirname(osp.abspath(out))
     os.makedirs(out_dir, exist_ok=True)
@@ -553,6 +598,7 @@ def export_detector(
     metadata = dict(
         format=fmt,
         opset_version=opset_version if fmt == 'onnx' else None,
+        precision=precision,
         torch_version=torch.__version__.split('+')[0],
         variant=model_variant(cfg.model),
         config=osp.basename(config) if isinstance(config, str) else None,

@@ -5,6 +5,7 @@ inference in ONNX Runtime at the export size and at other sizes."""
 
 import json
 import os.path as osp
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -59,19 +60,25 @@ def image(h: int, w: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=gen)
 
 
-def assert_same_detections(actual, expected, score_atol: float, box_atol: float) -> None:
+def assert_same_detections(
+    actual, expected, score_atol: float, box_atol: float, top: Optional[int] = None
+) -> float:
     """``(boxes, scores, labels)`` equal up to the tolerances, detections of
     tied scores in any order: random weights give many scores equal to
     within rounding, which two runtimes may rank either way. Each detection
     is matched to an unused expected one of the same label, a score within
-    ``score_atol`` and the nearest box."""
+    ``score_atol`` and the nearest box; with ``top``, only the first ``top``
+    detections are matched (against all expected ones: near the cut of the
+    top-k, a detection may leave the set and another enter). Returns the
+    largest box difference of a matched pair (px)."""
     boxes, scores, labels = (np.asarray(a) for a in actual)
     exp_boxes, exp_scores, exp_labels = (np.asarray(e) for e in expected)
     assert boxes.shape == exp_boxes.shape and scores.shape == exp_scores.shape
     # both sorted by score: the sorted scores agree element by element
     np.testing.assert_allclose(scores, exp_scores, rtol=0, atol=score_atol)
     used = np.zeros(len(exp_scores), dtype=bool)
-    for i in range(len(scores)):
+    largest = 0.0
+    for i in range(len(scores) if top is None else top):
         candidates = np.flatnonzero(
             ~used & (np.abs(exp_scores - scores[i]) <= 2 * score_atol) & (exp_labels == labels[i])
         )
@@ -80,6 +87,8 @@ def assert_same_detections(actual, expected, score_atol: float, box_atol: float)
         best = candidates[np.argmin(distance)]
         assert distance.min() <= box_atol, (i, boxes[i], exp_boxes[best])
         used[best] = True
+        largest = max(largest, float(distance.min()))
+    return largest
 
 
 # ---------------------------------------------------------------- the module
@@ -117,6 +126,40 @@ def test_padding_to_the_size_divisor_gives_the_padded_batch_result(checkpoints):
         expected = model.predict(data['inputs'], data['data_samples'], rescale=False)[0]
     torch.testing.assert_close(scores, expected.pred_instances.scores, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(boxes, expected.pred_instances.bboxes, rtol=1e-5, atol=1e-4)
+
+
+def test_bf16_autocast_runs_the_detector_in_bf16_and_returns_float32(checkpoints):
+    model, cfg, _ = load_detector(config_path('refine'), checkpoints['refine'])
+    preprocessing = read_preprocessing(cfg)
+    fp32 = ExportableDetector(model, **preprocessing).eval()
+    bf16 = ExportableDetector(model, **preprocessing, autocast_dtype=torch.bfloat16).eval()
+    img = image(168, 224)
+    seen = set()
+    hook = model.encoder.layers[0].ffn.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    with torch.no_grad():
+        boxes, scores, labels = bf16(img)
+        hook.remove()
+        expected = fp32(img)
+    assert seen == {torch.bfloat16}
+    assert boxes.dtype == scores.dtype == torch.float32 and labels.dtype == torch.int64
+    assert torch.all(scores[:-1] >= scores[1:])
+    # bf16 keeps 8 bits of mantissa: scores move, by little
+    score_diff = (scores - expected[1]).abs().max().item()
+    assert 0 < score_diff < 2e-2, score_diff
+    # outside the module autocast stays off
+    assert not torch.is_autocast_enabled('cpu')
+
+
+def test_bf16_is_refused_where_it_does_not_apply(checkpoints, tmp_path):
+    model, cfg, _ = load_detector(config_path('plain'), checkpoints['plain'])
+    with pytest.raises(ValueError, match='autocast_dtype must be None or torch.bfloat16'):
+        ExportableDetector(model, **read_preprocessing(cfg), autocast_dtype=torch.float16)
+    out = str(tmp_path / 'm.onnx')
+    with pytest.raises(ValueError, match=r"precision='bf16' is for fmt='pt2' only"):
+        export_detector(config_path('plain'), checkpoints['plain'], 'onnx', out, precision='bf16')
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16'\)"):
+        export_detector(config_path('plain'), checkpoints['plain'], 'pt2', out, precision='fp16')
+    assert not osp.exists(out)
 
 
 # ---------------------------------------------------------------- configs

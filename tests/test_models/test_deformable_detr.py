@@ -349,6 +349,23 @@ def test_autocast_keeps_sampling_locations_in_float32(monkeypatch):
         assert errors[0] < bound * errors[1], errors
 
 
+def test_predictions_under_bf16_autocast_are_float32():
+    """mmengine's ``test_cfg.fp16=True`` runs predict under autocast, which is
+    bf16 on a CPU: the detections stay float32 (numpy-convertible for the
+    metrics, boxes not rounded to bf16) and close to the float32 ones."""
+    model = build_small('two_stage').eval()
+    inputs, samples = make_batch(num_classes=10, dtype=torch.float32)
+    with torch.no_grad():
+        expected = model.predict(inputs, [s.clone() for s in samples], rescale=False)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            results = model.predict(inputs, [s.clone() for s in samples], rescale=False)
+    for result, exp in zip(results, expected):
+        pred = result.pred_instances
+        assert pred.scores.dtype == pred.bboxes.dtype == torch.float32
+        assert np.isfinite(pred.scores.numpy()).all()
+        assert 0 < (pred.scores - exp.pred_instances.scores).abs().max() < 2e-2
+
+
 def test_look_forward_twice_changes_gradients_not_losses():
     """With refinement, look forward twice returns the refined references with
     their gradient: the same losses, and the last layer's box losses now reach

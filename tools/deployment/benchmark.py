@@ -35,12 +35,13 @@ import torch
 REPO_ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 OUR_CONFIG = osp.join(REPO_ROOT, 'configs', 'deformable_detr', 'two_stage_r50.py')
 MMDET_CONFIG = 'deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_coco.py'
-PATHS = ('mmdet', 'ours', 'optimised', 'pt2', 'onnxruntime', 'openvino')
+PATHS = ('mmdet', 'ours', 'optimised', 'pt2', 'pt2_bf16', 'onnxruntime', 'openvino')
 LABELS = {
     'mmdet': 'mmdet 3.3 eager',
     'ours': 'ours eager',
     'optimised': 'ours optimised (apis.optimize_for_inference)',
     'pt2': 'ours pt2 (AOTInductor)',
+    'pt2_bf16': 'ours pt2, bf16 autocast (--precision bf16)',
     'onnxruntime': 'ours ONNX Runtime (no custom op)',
     'openvino': 'ours OpenVINO (same ONNX)',
 }
@@ -69,7 +70,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         '--reuse-exports',
         action='store_true',
-        help='time model.onnx / model.pt2 already in --work-dir (exported by an earlier run with '
+        help='time model.onnx / pt2.pt2 / pt2_bf16.pt2 already in --work-dir (exported by an '
+        'earlier run with '
         'the same options) instead of exporting again',
     )
     args = parser.parse_args(argv)
@@ -132,24 +134,22 @@ def exported_steps(args, model, cfg, image: np.ndarray, work_dir: str) -> Dict[s
         read_preprocessing,
     )
 
-    module = ExportableDetector(model, **read_preprocessing(cfg)).eval()
+    preprocessing = read_preprocessing(cfg)
+    module = ExportableDetector(model, **preprocessing).eval()
     example = torch.from_numpy(image)
     dynamic = not args.static
     steps = {}
-    if 'pt2' in args.paths:
-        path = osp.join(work_dir, 'model.pt2')
+    for name, dtype in (('pt2', None), ('pt2_bf16', torch.bfloat16)):
+        if name not in args.paths:
+            continue
+        path = osp.join(work_dir, f'{name}.pt2')
         if not (args.reuse_exports and osp.isfile(path)):
             start = time.perf_counter()
-            export_pt2(module, example, path, dynamic=dynamic)
-            print(f'pt2: exported and compiled in {time.perf_counter() - start:.0f} s', flush=True)
-        compiled = torch._inductor.aoti_load_package(path)
-        tensor = torch.from_numpy(image)
-
-        def run_pt2():
-            with torch.inference_mode():
-                compiled(tensor)
-
-        steps['pt2'] = run_pt2
+            exported = ExportableDetector(model, **preprocessing, autocast_dtype=dtype).eval()
+            export_pt2(exported, example, path, dynamic=dynamic)
+            seconds = time.perf_counter() - start
+            print(f'{name}: exported and compiled in {seconds:.0f} s', flush=True)
+        steps[name] = pt2_step(path, example)
     if {'onnxruntime', 'openvino'} & set(args.paths):
         path = osp.join(work_dir, 'model.onnx')
         if not (args.reuse_exports and osp.isfile(path)):
@@ -161,6 +161,16 @@ def exported_steps(args, model, cfg, image: np.ndarray, work_dir: str) -> Dict[s
         if 'openvino' in args.paths:
             steps['openvino'] = openvino_step(path, image, args.threads)
     return {k: v for k, v in steps.items() if v is not None}
+
+
+def pt2_step(path: str, image: torch.Tensor) -> Callable:
+    compiled = torch._inductor.aoti_load_package(path)
+
+    def step():
+        with torch.inference_mode():
+            compiled(image)
+
+    return step
 
 
 def onnxruntime_step(path: str, image: np.ndarray, threads: int) -> Optional[Callable]:

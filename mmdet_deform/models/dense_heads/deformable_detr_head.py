@@ -608,6 +608,9 @@ class DeformableDETRHead(BaseModule):
         """
         max_per_img = self.test_cfg.get('max_per_img', len(cls_score))
         img_h, img_w = img_meta['img_shape'][:2]
+        # float32 results under any autocast: a bf16 box coordinate of ~600 px
+        # is off by up to 2 px, and metrics convert scores with numpy (no bf16)
+        cls_score, bbox_pred = cls_score.float(), bbox_pred.float()
         if self.use_sigmoid:
             # top-k over every (query, class) pair: a query may give several
             scores, indexes = cls_score.sigmoid().view(-1).topk(max_per_img)
