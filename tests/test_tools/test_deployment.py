@@ -250,6 +250,10 @@ def test_export_names_bad_input(tmp_path):
     assert proc.returncode == 2 and '--opset must be from 18 to 23' in proc.stderr
     proc = run_tool([EXPORT, CONFIG, plain, '--format', 'pt2', '--out', out])
     assert proc.returncode == 2 and '--out must end in .pt2' in proc.stderr
+    proc = run_tool(
+        [EXPORT, CONFIG, plain, '--format', 'onnx', '--out', out, '--precision', 'bf16']
+    )
+    assert proc.returncode == 2 and '--precision bf16 is for --format pt2 only' in proc.stderr
     proc = run_tool([EXPORT, CONFIG, str(tmp_path / 'none.pth'), '--format', 'onnx', '--out', out])
     assert proc.returncode == 2 and 'checkpoint not found' in proc.stderr
     with open(out, 'w') as f:
@@ -262,9 +266,11 @@ def test_export_names_bad_input(tmp_path):
 
 def test_benchmark_table_and_arguments():
     bench = load_tool('tools/deployment/benchmark.py')
-    table = bench.format_table({'mmdet': (2.0, 4.0), 'pt2': (0.5, 1.0)}, (512, 672), 2)
+    medians = {'mmdet': (2.0, 4.0), 'pt2': (0.5, 1.0), 'pt2_bf16': (0.25, 0.5)}
+    table = bench.format_table(medians, (512, 672), 2)
     assert '| mmdet 3.3 eager | 2.000 | 1.00x | 4.000 | 1.00x |' in table
     assert '| ours pt2 (AOTInductor) | 0.500 | 4.00x | 1.000 | 4.00x |' in table
+    assert '| ours pt2, bf16 autocast (--precision bf16) | 0.250 | 8.00x | 0.500 | 8.00x |' in table
     assert 'ONNX Runtime' not in table  # paths not timed have no row
     assert bench.parse_args([]).paths == list(bench.PATHS)
     with pytest.raises(SystemExit):
