@@ -27,6 +27,18 @@ def test_config_parses(path):
     assert 'model' in cfg
 
 
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: osp.relpath(p, CONFIG_DIR))
+def test_duplicate_suppression_only_in_the_shapes_configs(path):
+    """test_cfg.nms is off in the COCO configs (mmdet's outputs) and on in
+    the shapes configs of our detectors (docs/convergence.md)."""
+    cfg = Config.fromfile(path)
+    nms = cfg.model.get('test_cfg', {}).get('nms')
+    if path.endswith('_shapes.py') and osp.basename(path) != 'detr_shapes.py':  # mmdet's DETR
+        assert nms == dict(iou_threshold=0.6)
+    else:
+        assert nms is None
+
+
 def assert_same_training_recipe(cfg: Config, base: Config) -> None:
     """Same data, optimizer, lr schedule and training loop as ``base``."""
     for key in ('train_dataloader', 'val_dataloader', 'optim_wrapper', 'param_scheduler'):

@@ -79,5 +79,5 @@ model = dict(
             ],
         )
     ),
-    test_cfg=_base_.model.test_cfg,
+    test_cfg=dict(max_per_img=_base_.model.test_cfg.max_per_img),  # mmdet's DETR: no nms
 )

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from mmdet_deform.registry import MODELS
 
+from ..layers.duplicate_suppression import suppress_duplicates
 from ..layers.transformer import apply_box_deltas
 from ..task_modules import OneToManyAssigner
 
@@ -66,7 +67,11 @@ class DeformableDETRHead(BaseModule):
             assigner); None for a head that only predicts. The detector
             passes its own ``train_cfg``.
         test_cfg (dict, optional): ``max_per_img``: detections kept per
-            image. Defaults to 100.
+            image. Defaults to 100. Optional ``nms=dict(iou_threshold=t)``
+            (off unless given, as in mmdet): scores of same-label detections
+            that overlap a higher-scoring one by IoU > t are set to 0 and
+            moved to the end (Fast NMS,
+            :func:`~mmdet_deform.models.layers.suppress_duplicates`).
         share_pred_layer (bool): One branch pair for all layers (no box
             refinement). Set by the detector. Defaults to False.
         num_pred_layer (int): Number of branch pairs: decoder layers, plus
@@ -121,6 +126,15 @@ class DeformableDETRHead(BaseModule):
         self.lambda_one2many = lambda_one2many
         self.train_cfg = train_cfg
         self.test_cfg = test_cfg
+        nms = test_cfg.get('nms')
+        if nms is not None and (
+            not isinstance(nms, dict)
+            or set(nms) != {'iou_threshold'}
+            or not 0 < nms['iou_threshold'] < 1
+        ):
+            raise ValueError(
+                f'test_cfg.nms must be None or dict(iou_threshold=t) with t in (0, 1), got {nms}'
+            )
         if train_cfg:
             if 'assigner' not in train_cfg:
                 raise ValueError(f'train_cfg must hold an assigner, got {train_cfg}')
@@ -624,6 +638,11 @@ class DeformableDETRHead(BaseModule):
         bboxes = bbox_cxcywh_to_xyxy(bbox_pred)
         bboxes[:, 0::2] = (bboxes[:, 0::2] * img_w).clamp(min=0, max=img_w)
         bboxes[:, 1::2] = (bboxes[:, 1::2] * img_h).clamp(min=0, max=img_h)
+        nms = self.test_cfg.get('nms')
+        if nms is not None:
+            bboxes, scores, labels = suppress_duplicates(
+                bboxes, scores, labels, nms['iou_threshold']
+            )
         if rescale:
             if img_meta.get('scale_factor') is None:
                 raise ValueError('rescale=True needs scale_factor in the image metainfo')

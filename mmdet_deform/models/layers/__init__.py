@@ -3,6 +3,7 @@
 from mmdet_deform.ops import MultiScaleDeformableAttention
 from mmdet_deform.registry import MODELS
 
+from .duplicate_suppression import suppress_duplicates
 from .transformer import (
     CdnQueryGenerator,
     DeformableDetrTransformerDecoder,
@@ -38,4 +39,5 @@ __all__ = [
     'get_padding_masks',
     'get_proposal_pos_embed',
     'get_valid_ratios',
+    'suppress_duplicates',
 ]
