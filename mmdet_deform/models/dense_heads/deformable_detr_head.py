@@ -44,6 +44,7 @@ _DEFAULT_LOSS_CLS = dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.
 _DEFAULT_LOSS_BBOX = dict(type='L1Loss', loss_weight=5.0)
 _DEFAULT_LOSS_IOU = dict(type='GIoULoss', loss_weight=2.0)
 _DEFAULT_TEST_CFG = dict(max_per_img=100)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @MODELS.register_module()
@@ -622,9 +623,13 @@ class DeformableDETRHead(BaseModule):
         """
         max_per_img = self.test_cfg.get('max_per_img', len(cls_score))
         img_h, img_w = img_meta['img_shape'][:2]
-        # float32 results under any autocast: a bf16 box coordinate of ~600 px
-        # is off by up to 2 px, and metrics convert scores with numpy (no bf16)
-        cls_score, bbox_pred = cls_score.float(), bbox_pred.float()
+        # at least float32 results under any autocast: a bf16 box coordinate of
+        # ~600 px is off by up to 2 px, and metrics convert scores with numpy
+        # (no bf16); float64 models keep float64
+        if cls_score.dtype in _HALF_DTYPES:
+            cls_score = cls_score.float()
+        if bbox_pred.dtype in _HALF_DTYPES:
+            bbox_pred = bbox_pred.float()
         if self.use_sigmoid:
             # top-k over every (query, class) pair: a query may give several
             scores, indexes = cls_score.sigmoid().view(-1).topk(max_per_img)
