@@ -43,6 +43,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..ops import at_least_float32
+
 __all__ = [
     'METADATA_SUFFIX',
     'METADATA_VERSION',
@@ -161,23 +163,11 @@ class ExportableDetector(nn.Module):
         ):
             feats = self.detector.extract_feat(inputs)
             head_inputs = self.detector.forward_transformer(feats, samples)
-        head_inputs = _at_least_float32(head_inputs)
+        head_inputs = at_least_float32(head_inputs)
         results = self.detector.bbox_head.predict(
             **head_inputs, batch_data_samples=samples, rescale=False
         )[0]
         return results.bboxes, results.scores, results.labels
-
-
-def _at_least_float32(data):
-    """``data`` (tensors in dicts, lists and tuples) with its float16 and
-    bfloat16 tensors in float32."""
-    if isinstance(data, Tensor):
-        return data.float() if data.dtype in (torch.float16, torch.bfloat16) else data
-    if isinstance(data, dict):
-        return {key: _at_least_float32(value) for key, value in data.items()}
-    if isinstance(data, (list, tuple)):
-        return type(data)(_at_least_float32(value) for value in data)
-    return data
 
 
 # --------------------------------------------------------------------------

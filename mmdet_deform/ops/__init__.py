@@ -11,10 +11,12 @@ bare GPU machine. Importing this package registers
 from ._extension import has_cuda_kernel, has_extension, require_extension
 from .dropout import Dropout, dropout, dropout_pytorch
 from .ms_deform_attn import MultiScaleDeformableAttention, ms_deform_attn, ms_deform_attn_pytorch
+from .precision import at_least_float32
 
 __all__ = [
     'Dropout',
     'MultiScaleDeformableAttention',
+    'at_least_float32',
     'dropout',
     'dropout_pytorch',
     'has_cuda_kernel',

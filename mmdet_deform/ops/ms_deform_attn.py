@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ._extension import has_extension, warn_missing_extension
 from .dropout import Dropout
+from .precision import at_least_float32
 
 try:  # mmengine gives the module `init_cfg` support; the op itself needs torch only
     from mmengine.model import BaseModule
@@ -486,9 +487,9 @@ class MultiScaleDeformableAttention(BaseModule):
         # (bs, nq, nh*nl*np*2) -> (bs, nq, nh, nl*np*2).
         references = reference_points[:, :, None, :, None, :]
         references = references.expand(bs, num_queries, 1, nl, npts, r)
-        references = _at_least_float32(references.reshape(bs, num_queries, 1, nl * npts * r))
+        references = at_least_float32(references.reshape(bs, num_queries, 1, nl * npts * r))
         offsets = self.sampling_offsets(query).view(bs, num_queries, nh, nl * npts * 2)
-        offsets = _at_least_float32(offsets)  # (bf16 under autocast)
+        offsets = at_least_float32(offsets)  # (bf16 under autocast)
         if r == 2:
             # offsets are in pixels of each level: divide by its (w, h)
             normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
@@ -514,7 +515,7 @@ class MultiScaleDeformableAttention(BaseModule):
         bs, num_queries, _ = query.shape
         nh, nl, npts = self.num_heads, self.num_levels, self.num_points
         weights = self.attention_weights(query).view(bs, num_queries, nh, nl * npts)
-        return _at_least_float32(weights).softmax(-1).view(bs, num_queries, nh, nl, npts)
+        return at_least_float32(weights).softmax(-1).view(bs, num_queries, nh, nl, npts)
 
     def _project_then_sample(
         self,
@@ -578,11 +579,6 @@ class MultiScaleDeformableAttention(BaseModule):
         projected = torch.einsum('bqhc,hdc->bqhd', sampled, head_weight)
         projected = projected + coverage * head_bias
         return projected.reshape(bs, num_queries, -1)
-
-
-def _at_least_float32(tensor: Tensor) -> Tensor:
-    """``tensor`` in float32 if its dtype is narrower (float16/bfloat16)."""
-    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
 
 def _op_dtype(tensor: Tensor, value: Tensor) -> Tensor:

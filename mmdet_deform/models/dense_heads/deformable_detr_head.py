@@ -31,6 +31,7 @@ from mmengine.model import BaseModule, bias_init_with_prob
 from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
+from mmdet_deform.ops import at_least_float32
 from mmdet_deform.registry import MODELS
 
 from ..layers.duplicate_suppression import suppress_duplicates
@@ -44,7 +45,6 @@ _DEFAULT_LOSS_CLS = dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.
 _DEFAULT_LOSS_BBOX = dict(type='L1Loss', loss_weight=5.0)
 _DEFAULT_LOSS_IOU = dict(type='GIoULoss', loss_weight=2.0)
 _DEFAULT_TEST_CFG = dict(max_per_img=100)
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @MODELS.register_module()
@@ -626,10 +626,7 @@ class DeformableDETRHead(BaseModule):
         # at least float32 results under any autocast: a bf16 box coordinate of
         # ~600 px is off by up to 2 px, and metrics convert scores with numpy
         # (no bf16); float64 models keep float64
-        if cls_score.dtype in _HALF_DTYPES:
-            cls_score = cls_score.float()
-        if bbox_pred.dtype in _HALF_DTYPES:
-            bbox_pred = bbox_pred.float()
+        cls_score, bbox_pred = at_least_float32((cls_score, bbox_pred))
         if self.use_sigmoid:
             # top-k over every (query, class) pair: a query may give several
             scores, indexes = cls_score.sigmoid().view(-1).topk(max_per_img)
