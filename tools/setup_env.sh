@@ -14,7 +14,7 @@
 #      setuptools<70, recent torch wants >=77) and cached in
 #      ~/.cache/mmdet_deform/wheels (override with MMDET_DEFORM_CACHE).
 #   3. requirements/{build,runtime,openmmlab,tests,deploy}.txt (deploy: the
-#      ONNX exporter and ONNX Runtime, so the tests cover export).
+#      ONNX exporter, ONNX Runtime and OpenVINO, so the tests cover export).
 #   4. `pip install --no-build-isolation -e .`, which compiles mmdet_deform._C;
 #      redone whenever setup.py or a file under mmdet_deform/ops/csrc changes.
 #

@@ -126,8 +126,10 @@ def assert_same_detections(actual: dict, expected: dict) -> None:
     )
 
 
-@pytest.mark.parametrize('fmt', ['onnx', 'pt2'])
-def test_runner_matches_image_demo(request, fmt, images, demo_preds, tmp_path):
+@pytest.mark.parametrize(
+    'fmt,runtime', [('onnx', 'onnxruntime'), ('onnx', 'openvino'), ('pt2', 'torch')]
+)
+def test_runner_matches_image_demo(request, fmt, runtime, images, demo_preds, tmp_path):
     model = request.getfixturevalue(f'{fmt}_model')
     with open(model + '.json') as f:
         meta = json.load(f)
@@ -141,12 +143,15 @@ def test_runner_matches_image_demo(request, fmt, images, demo_preds, tmp_path):
     )
     out_dir = str(tmp_path / 'out')
     inputs = [osp.join(images, 'demo.jpg'), osp.join(images, 'tall.png')]
-    proc = run_runner(model, *inputs, '--out-dir', out_dir, '--threads', '1')
+    options = ['--runtime', runtime] if fmt == 'onnx' else []
+    proc = run_runner(model, *inputs, '--out-dir', out_dir, '--threads', '1', *options)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     modules = loaded_modules(proc)
     assert not modules & OPENMMLAB, modules & OPENMMLAB
+    assert runtime in modules
     if fmt == 'onnx':
         assert 'torch' not in modules
+        assert ({'onnxruntime', 'openvino'} - {runtime}).isdisjoint(modules)
     for stem in ('demo', 'tall'):
         actual = read_preds(osp.join(out_dir, 'preds', f'{stem}.json'))
         assert_same_detections(actual, demo_preds[stem])
@@ -245,6 +250,15 @@ def test_runner_refuses_a_model_that_does_not_match_its_json(onnx_model, images,
     proc = run_tool([RUNNER, renamed, good, '--out-dir', str(tmp_path / 'o3')])
     assert proc.returncode == 2
     assert f"describes a onnx model but '{renamed}' is a pt2 file" in proc.stderr
+
+
+def test_runner_runs_onnx_only_in_openvino(pt2_model, images, tmp_path):
+    out_dir = tmp_path / 'out'
+    good = osp.join(images, 'demo.jpg')
+    proc = run_tool([RUNNER, pt2_model, good, '--out-dir', str(out_dir), '--runtime', 'openvino'])
+    assert proc.returncode == 2
+    assert f"--runtime openvino runs .onnx models; '{pt2_model}' is a .pt2 package" in proc.stderr
+    assert not out_dir.exists()
 
 
 def test_runner_refuses_sizes_the_model_does_not_take(tmp_path):

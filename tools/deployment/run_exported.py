@@ -2,10 +2,11 @@
 without mmdet, mmcv or mmengine.
 
     python tools/deployment/run_exported.py MODEL IMG [IMG ...] --out-dir DIR
-        [--score-thr 0.3] [--threads N] [--no-vis]
+        [--score-thr 0.3] [--threads N] [--no-vis] [--runtime {onnxruntime,openvino}]
 
-``MODEL`` is a ``.onnx`` file (run by ONNX Runtime, with numpy and OpenCV
-only: torch is not imported) or a ``.pt2`` AOTInductor package (run by torch,
+``MODEL`` is a ``.onnx`` file (run by ONNX Runtime, or by OpenVINO with
+``--runtime openvino``, in float32, with numpy and OpenCV only: torch is not
+imported) or a ``.pt2`` AOTInductor package (run by torch,
 with the compiled ``mmdet_deform._C`` op library loaded directly, not through
 the ``mmdet_deform`` package). ``MODEL.json``, written by the export, says how
 to prepare an image. For every image the runner
@@ -216,6 +217,38 @@ class OnnxModel:
         return boxes, scores, labels
 
 
+class OpenVinoModel:
+    """An exported ``.onnx`` file in OpenVINO (CPU plugin, float32: on CPUs
+    with AMX or AVX512-BF16 the plugin would compute in bf16 by default)."""
+
+    def __init__(self, path: str, threads: Optional[int] = None) -> None:
+        try:
+            import openvino as ov
+        except ImportError as e:
+            raise InputError('--runtime openvino needs OpenVINO: `pip install openvino`') from e
+        config = {'INFERENCE_PRECISION_HINT': 'f32'}
+        if threads is not None:
+            config['INFERENCE_NUM_THREADS'] = threads
+        core = ov.Core()
+        try:
+            self.compiled = core.compile_model(core.read_model(path), 'CPU', config)
+        except Exception as e:  # noqa: BLE001 - OpenVINO raises its own exception types
+            raise InputError(f'OpenVINO cannot load {path!r}: {e}') from e
+        names = [i.get_any_name() for i in self.compiled.inputs]
+        outputs = [o.get_any_name() for o in self.compiled.outputs]
+        if names != ['image'] or outputs != ['boxes', 'scores', 'labels']:
+            raise InputError(
+                f'{path!r} has inputs {names} and outputs {outputs}; expected [image] and '
+                '[boxes, scores, labels] (a model written by tools/deployment/export.py)'
+            )
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, image: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        results = self.request.infer({'image': image})
+        boxes, scores, labels = (np.array(results[o]) for o in self.compiled.outputs)
+        return boxes, scores, labels
+
+
 def ops_library() -> str:
     """The compiled op library ``mmdet_deform/_C*.so``, found without
     importing the ``mmdet_deform`` package (whose ``__init__`` imports mmdet)."""
@@ -261,9 +294,26 @@ class Pt2Model:
         return boxes.numpy(), scores.numpy(), labels.numpy()
 
 
-def load_model(path: str, meta: Dict, threads: Optional[int] = None, library=None):
+RUNTIMES = ('onnxruntime', 'openvino')
+
+
+def load_model(
+    path: str,
+    meta: Dict,
+    threads: Optional[int] = None,
+    library=None,
+    runtime: str = 'onnxruntime',
+):
+    """The model of ``path`` in ``runtime`` (``.onnx``: ``'onnxruntime'`` or
+    ``'openvino'``; ``.pt2``: torch, ``runtime`` must stay the default)."""
+    if runtime not in RUNTIMES:
+        raise InputError(f'runtime must be one of {RUNTIMES}, got {runtime!r}')
     if meta['format'] == 'onnx':
-        return OnnxModel(path, threads)
+        return OpenVinoModel(path, threads) if runtime == 'openvino' else OnnxModel(path, threads)
+    if runtime != 'onnxruntime':
+        raise InputError(
+            f'--runtime {runtime} runs .onnx models; {path!r} is a .pt2 package (run by torch)'
+        )
     return Pt2Model(path, threads, library)
 
 
@@ -351,6 +401,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=None, help='CPU threads of the runtime')
     parser.add_argument('--no-vis', action='store_true', help='do not write the drawings')
     parser.add_argument(
+        '--runtime',
+        choices=RUNTIMES,
+        default='onnxruntime',
+        help='runtime of a .onnx model (default: %(default)s; openvino: float32)',
+    )
+    parser.add_argument(
         '--ops-library',
         default=None,
         help='path of mmdet_deform/_C*.so for .pt2 models (default: found beside the package)',
@@ -394,7 +450,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict]:
     args = parse_args(argv)
     try:
         meta, images = check_inputs(args)
-        model = load_model(args.model, meta, args.threads, args.ops_library)
+        model = load_model(args.model, meta, args.threads, args.ops_library, args.runtime)
     except InputError as e:
         print(f'run_exported.py: error: {e}', file=sys.stderr)
         sys.exit(2)
