@@ -5,7 +5,6 @@ inference in ONNX Runtime at the export size and at other sizes."""
 
 import json
 import os.path as osp
-from typing import Optional
 
 import numpy as np
 import pytest
@@ -60,25 +59,19 @@ def image(h: int, w: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=gen)
 
 
-def assert_same_detections(
-    actual, expected, score_atol: float, box_atol: float, top: Optional[int] = None
-) -> float:
+def assert_same_detections(actual, expected, score_atol: float, box_atol: float) -> None:
     """``(boxes, scores, labels)`` equal up to the tolerances, detections of
     tied scores in any order: random weights give many scores equal to
     within rounding, which two runtimes may rank either way. Each detection
     is matched to an unused expected one of the same label, a score within
-    ``score_atol`` and the nearest box; with ``top``, only the first ``top``
-    detections are matched (against all expected ones: near the cut of the
-    top-k, a detection may leave the set and another enter). Returns the
-    largest box difference of a matched pair (px)."""
+    ``score_atol`` and the nearest box."""
     boxes, scores, labels = (np.asarray(a) for a in actual)
     exp_boxes, exp_scores, exp_labels = (np.asarray(e) for e in expected)
     assert boxes.shape == exp_boxes.shape and scores.shape == exp_scores.shape
     # both sorted by score: the sorted scores agree element by element
     np.testing.assert_allclose(scores, exp_scores, rtol=0, atol=score_atol)
     used = np.zeros(len(exp_scores), dtype=bool)
-    largest = 0.0
-    for i in range(len(scores) if top is None else top):
+    for i in range(len(scores)):
         candidates = np.flatnonzero(
             ~used & (np.abs(exp_scores - scores[i]) <= 2 * score_atol) & (exp_labels == labels[i])
         )
@@ -87,8 +80,6 @@ def assert_same_detections(
         best = candidates[np.argmin(distance)]
         assert distance.min() <= box_atol, (i, boxes[i], exp_boxes[best])
         used[best] = True
-        largest = max(largest, float(distance.min()))
-    return largest
 
 
 # ---------------------------------------------------------------- the module
