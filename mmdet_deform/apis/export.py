@@ -434,22 +434,30 @@ def export_onnx(
     path: str,
     opset_version: int = DEFAULT_OPSET,
     dynamic: bool = True,
+    msda_form: str = 'grid_sample',
 ) -> Dict:
     """Export ``module`` to an ONNX file of standard operators (weights inside).
+
+    Args:
+        msda_form (str): How ``ms_deform_attn`` is written (see
+            :mod:`mmdet_deform.ops.onnx`): ``'grid_sample'`` (ONNX Runtime and
+            OpenVINO) or ``'deform_conv'`` (the encoder's attention as
+            ``DeformConv``: faster in ONNX Runtime, opset 19 or later, not
+            read by OpenVINO).
 
     Returns:
         dict: The valid input sizes (``min_hw``, ``max_hw``).
     """
     from mmdet_deform.ops.onnx import check_opset, onnx_translation_table
 
-    check_opset(opset_version)
+    check_opset(opset_version, msda_form)
     program = _export_program(module, example, dynamic)
     onnx_program = torch.onnx.export(
         program,
         input_names=['image'],
         output_names=['boxes', 'scores', 'labels'],
         opset_version=opset_version,
-        custom_translation_table=onnx_translation_table(),
+        custom_translation_table=onnx_translation_table(msda_form),
         verbose=False,
     )
     onnx_program.save(path, external_data=False)
@@ -523,6 +531,7 @@ def export_detector(
     score_thr: float = 0.3,
     overwrite: bool = False,
     precision: str = 'fp32',
+    msda_form: str = 'grid_sample',
 ) -> Dict:
     """Export the detector of ``config`` with the weights of ``checkpoint``.
 
@@ -540,6 +549,9 @@ def export_detector(
         precision (str): ``'fp32'`` (the default) or ``'bf16'`` (``pt2``
             only): the backbone, neck, encoder and decoder run under bf16
             autocast (see :class:`ExportableDetector`).
+        msda_form (str): ``fmt='onnx'`` only: ``'grid_sample'`` (the
+            default; ONNX Runtime and OpenVINO) or ``'deform_conv'`` (faster
+            in ONNX Runtime, opset 19 or later; see :func:`export_onnx`).
 
     Returns:
         dict: The metadata written.
@@ -556,7 +568,12 @@ def export_detector(
     if fmt == 'onnx':
         from mmdet_deform.ops.onnx import check_opset
 
-        check_opset(opset_version)
+        check_opset(opset_version, msda_form)
+    elif msda_form != 'grid_sample':
+        raise ValueError(
+            f"msda_form={msda_form!r} is for fmt='onnx' only (a .pt2 package calls the "
+            f'compiled op), got fmt={fmt!r}'
+        )
     if shape is not None and (len(shape) != 2 or min(shape) < 1):
         raise ValueError(f'shape must be two positive sizes (h, w), got {shape}')
     if not 0 <= score_thr <= 1:
@@ -574,7 +591,9 @@ def export_detector(
     out_dir = osp.dirname(osp.abspath(out))
     os.makedirs(out_dir, exist_ok=True)
     if fmt == 'onnx':
-        ranges = export_onnx(module, example, out, opset_version, dynamic=shape is None)
+        ranges = export_onnx(
+            module, example, out, opset_version, dynamic=shape is None, msda_form=msda_form
+        )
     else:
         ranges = export_pt2(module, example, out, dynamic=shape is None)
     with torch.no_grad():  # strides of the levels: the runner counts encoder positions
@@ -588,6 +607,7 @@ def export_detector(
     metadata = dict(
         format=fmt,
         opset_version=opset_version if fmt == 'onnx' else None,
+        msda_form=msda_form if fmt == 'onnx' else None,
         precision=precision,
         torch_version=torch.__version__.split('+')[0],
         variant=model_variant(cfg.model),

@@ -68,6 +68,14 @@ def onnx_model(dist_run, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope='module')
+def onnx_deform_conv_model(dist_run, tmp_path_factory) -> str:
+    for name in ('onnx', 'onnxscript', 'onnxruntime'):
+        pytest.importorskip(name)
+    out = str(tmp_path_factory.mktemp('onnx_deform_conv') / 'model.onnx')
+    return export(dist_run, 'onnx', out, '--msda-form', 'deform_conv')
+
+
+@pytest.fixture(scope='module')
 def pt2_model(dist_run, tmp_path_factory) -> str:
     return export(dist_run, 'pt2', str(tmp_path_factory.mktemp('pt2') / 'model.pt2'))
 
@@ -127,13 +135,26 @@ def assert_same_detections(actual: dict, expected: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    'fmt,runtime', [('onnx', 'onnxruntime'), ('onnx', 'openvino'), ('pt2', 'torch')]
+    'model_name,runtime',
+    [
+        ('onnx_model', 'onnxruntime'),
+        ('onnx_model', 'openvino'),
+        ('onnx_deform_conv_model', 'onnxruntime'),
+        ('pt2_model', 'torch'),
+    ],
 )
-def test_runner_matches_image_demo(request, fmt, runtime, images, demo_preds, tmp_path):
-    model = request.getfixturevalue(f'{fmt}_model')
+def test_runner_matches_image_demo(request, model_name, runtime, images, demo_preds, tmp_path):
+    model = request.getfixturevalue(model_name)
+    fmt = model_name.split('_')[0]
     with open(model + '.json') as f:
         meta = json.load(f)
     assert meta['format'] == fmt and meta['variant'] == 'two_stage'
+    if fmt == 'onnx':
+        form = 'deform_conv' if 'deform_conv' in model_name else 'grid_sample'
+        assert meta['msda_form'] == form
+        ops = {node.op_type for node in pytest.importorskip('onnx').load(model).graph.node}
+        # the encoder's attention as DeformConv, the decoder's with GridSample
+        assert ('DeformConv' in ops) == (form == 'deform_conv') and 'GridSample' in ops
     assert meta['input']['dynamic'] and meta['resize']['scale'] == [224, 224]
     assert meta['input']['feature_strides'] == [8, 16, 32, 64]
     # a two-stage model selects num_queries proposals from the encoder's tokens
@@ -261,6 +282,20 @@ def test_runner_runs_onnx_only_in_openvino(pt2_model, images, tmp_path):
     assert not out_dir.exists()
 
 
+def test_runner_refuses_deform_conv_files_in_openvino(onnx_deform_conv_model, images, tmp_path):
+    out_dir = tmp_path / 'out'
+    good = osp.join(images, 'demo.jpg')
+    proc = run_tool(
+        [RUNNER, onnx_deform_conv_model, good, '--out-dir', str(out_dir), '--runtime', 'openvino']
+    )
+    assert proc.returncode == 2
+    assert (
+        f"'{onnx_deform_conv_model}' was exported with --msda-form deform_conv (DeformConv), "
+        'which OpenVINO does not read' in proc.stderr
+    )
+    assert not out_dir.exists()
+
+
 def test_runner_refuses_sizes_the_model_does_not_take(tmp_path):
     runner = load_tool(RUNNER)
     meta = dict(input=dict(dynamic=True, min_hw=[65, 65], max_hw=[None, None]))
@@ -305,6 +340,17 @@ def test_export_names_bad_input(tmp_path):
         [EXPORT, CONFIG, plain, '--format', 'onnx', '--out', out, '--precision', 'bf16']
     )
     assert proc.returncode == 2 and '--precision bf16 is for --format pt2 only' in proc.stderr
+    deform_conv = ['--msda-form', 'deform_conv']
+    proc = run_tool(
+        [EXPORT, CONFIG, plain, '--format', 'onnx', '--out', out, *deform_conv, '--opset', '18']
+    )
+    assert proc.returncode == 2
+    assert '--msda-form deform_conv needs --opset 19 or later (DeformConv), got 18' in proc.stderr
+    pt2 = str(tmp_path / 'm.pt2')
+    proc = run_tool([EXPORT, CONFIG, plain, '--format', 'pt2', '--out', pt2, *deform_conv])
+    assert (
+        proc.returncode == 2 and '--msda-form deform_conv is for --format onnx only' in proc.stderr
+    )
     proc = run_tool([EXPORT, CONFIG, str(tmp_path / 'none.pth'), '--format', 'onnx', '--out', out])
     assert proc.returncode == 2 and 'checkpoint not found' in proc.stderr
     with open(out, 'w') as f:
@@ -325,7 +371,9 @@ def test_benchmark_table_and_arguments():
     assert 'ONNX Runtime' not in table  # paths not timed have no row
     # without mmdet's eager inference there is nothing to compare with
     table = bench.format_table({'onnxruntime': (1.5, 3.0)}, (512, 672), 2)
-    assert '| ours ONNX Runtime (no custom op) | 1.500 | n/a | 3.000 | n/a |' in table
+    assert (
+        '| ours ONNX Runtime (no custom op, GridSample form) | 1.500 | n/a | 3.000 | n/a |' in table
+    )
     assert bench.parse_args([]).paths == list(bench.PATHS)
     with pytest.raises(SystemExit):
         bench.parse_args(['--shape', '32', '32'])

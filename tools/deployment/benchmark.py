@@ -42,6 +42,7 @@ PATHS = (
     'pt2',
     'pt2_bf16',
     'onnxruntime',
+    'onnxruntime_deform_conv',
     'openvino',
     'openvino_bf16',
 )
@@ -51,7 +52,8 @@ LABELS = {
     'optimised': 'ours optimised (apis.optimize_for_inference)',
     'pt2': 'ours pt2 (AOTInductor)',
     'pt2_bf16': 'ours pt2, bf16 autocast (--precision bf16)',
-    'onnxruntime': 'ours ONNX Runtime (no custom op)',
+    'onnxruntime': 'ours ONNX Runtime (no custom op, GridSample form)',
+    'onnxruntime_deform_conv': 'ours ONNX Runtime (no custom op, --msda-form deform_conv)',
     'openvino': 'ours OpenVINO, float32 (same ONNX)',
     'openvino_bf16': 'ours OpenVINO, bf16 inference precision (same ONNX)',
 }
@@ -80,15 +82,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         '--reuse-exports',
         action='store_true',
-        help='time model.onnx / pt2.pt2 / pt2_bf16.pt2 already in --work-dir (exported by an '
-        'earlier run with '
-        'the same options) instead of exporting again',
+        help='time model.onnx / model_deform_conv.onnx / pt2.pt2 / pt2_bf16.pt2 already in '
+        '--work-dir (exported by an earlier run with the same options) instead of exporting again',
     )
     args = parser.parse_args(argv)
     if args.iters < 1 or args.warmup < 0 or args.threads < 1:
         parser.error('--iters and --threads must be >= 1, --warmup >= 0')
     if min(args.shape) < 65:
         parser.error(f'--shape must be at least 65x65, got {args.shape}')
+    if 'onnxruntime_deform_conv' in args.paths and args.opset < 19:
+        parser.error(
+            f'onnxruntime_deform_conv needs --opset 19 or later (DeformConv), got {args.opset}'
+        )
     return args
 
 
@@ -171,6 +176,15 @@ def exported_steps(args, model, cfg, image: np.ndarray, work_dir: str) -> Dict[s
         for name, precision in (('openvino', 'f32'), ('openvino_bf16', 'bf16')):
             if name in args.paths:
                 steps[name] = openvino_step(path, image, args.threads, precision)
+    if 'onnxruntime_deform_conv' in args.paths:
+        path = osp.join(work_dir, 'model_deform_conv.onnx')
+        if not (args.reuse_exports and osp.isfile(path)):
+            start = time.perf_counter()
+            export_onnx(module, example, path, args.opset, dynamic, msda_form='deform_conv')
+            print(
+                f'onnx (deform_conv): exported in {time.perf_counter() - start:.0f} s', flush=True
+            )
+        steps['onnxruntime_deform_conv'] = onnxruntime_step(path, image, args.threads)
     return {k: v for k, v in steps.items() if v is not None}
 
 

@@ -2,6 +2,8 @@
 runs in stock ONNX Runtime / OpenVINO) or an AOTInductor package (``.pt2``).
 
     python tools/deployment/export.py CONFIG CHECKPOINT --format onnx --out model.onnx
+    python tools/deployment/export.py CONFIG CHECKPOINT --format onnx --msda-form deform_conv \
+        --out model_ort.onnx
     python tools/deployment/export.py CONFIG CHECKPOINT --format pt2 --out model.pt2
     python tools/deployment/export.py CONFIG CHECKPOINT --format pt2 --precision bf16 \
         --out model_bf16.pt2
@@ -13,7 +15,9 @@ the head's sigmoid + top-k are inside. Height and width are dynamic unless
 ``--shape H W`` is given. ``--precision bf16`` (``.pt2`` only) runs the
 backbone, neck, encoder and decoder under bf16 autocast: about twice as fast
 on CPUs with bf16 matrix units (AMX), slower elsewhere, with scores that
-differ from float32 in the third decimal. ``<out>.json`` holds what
+differ from float32 in the third decimal. ``--msda-form deform_conv`` writes
+the encoder's attention as one ``DeformConv`` per layer: faster in ONNX
+Runtime, but OpenVINO cannot read it. ``<out>.json`` holds what
 ``tools/deployment/run_exported.py`` needs (classes, resize, valid sizes...).
 Bad input (missing files, a checkpoint of another variant, an unsupported
 opset, an existing output without ``--overwrite``) stops with a message naming
@@ -30,6 +34,7 @@ import torch  # noqa: F401  (first: mmdet_deform._C needs libtorch loaded)
 
 FORMATS = ('onnx', 'pt2')
 PRECISIONS = ('fp32', 'bf16')
+MSDA_FORMS = ('grid_sample', 'deform_conv')
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -46,6 +51,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         choices=PRECISIONS,
         default='fp32',
         help='bf16: backbone, neck, encoder and decoder under bf16 autocast (--format pt2 only)',
+    )
+    parser.add_argument(
+        '--msda-form',
+        choices=MSDA_FORMS,
+        default='grid_sample',
+        help='how the attention op is written in ONNX: grid_sample (default; ONNX Runtime '
+        'and OpenVINO) or deform_conv (the encoder as DeformConv: about 1.4x faster in '
+        'ONNX Runtime, opset >= 19, not read by OpenVINO)',
     )
     parser.add_argument(
         '--shape',
@@ -71,6 +84,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error(f'--out must end in {suffix} for --format {args.fmt}, got {args.out!r}')
     if args.fmt == 'onnx' and not 18 <= args.opset <= 23:
         parser.error(f'--opset must be from 18 to 23 (GridSample, the exporter), got {args.opset}')
+    if args.msda_form != 'grid_sample' and args.fmt != 'onnx':
+        parser.error(f'--msda-form {args.msda_form} is for --format onnx only')
+    if args.msda_form == 'deform_conv' and args.opset < 19:
+        parser.error(
+            f'--msda-form deform_conv needs --opset 19 or later (DeformConv), got {args.opset}'
+        )
     if args.precision != 'fp32' and args.fmt != 'pt2':
         parser.error(f'--precision {args.precision} is for --format pt2 only (ONNX is float32)')
     if args.shape is not None and min(args.shape) < 1:
@@ -104,6 +123,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
             score_thr=args.score_thr,
             overwrite=args.overwrite,
             precision=args.precision,
+            msda_form=args.msda_form,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f'export.py: error: {e}', file=sys.stderr)

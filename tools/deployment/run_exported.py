@@ -5,8 +5,8 @@ without mmdet, mmcv or mmengine.
         [--score-thr 0.3] [--threads N] [--no-vis] [--runtime {onnxruntime,openvino}]
 
 ``MODEL`` is a ``.onnx`` file (run by ONNX Runtime, or by OpenVINO with
-``--runtime openvino``, in float32, with numpy and OpenCV only: torch is not
-imported) or a ``.pt2`` AOTInductor package (run by torch,
+``--runtime openvino``, in float32, unless it was exported with ``--msda-form
+deform_conv``; with numpy and OpenCV only: torch is not imported) or a ``.pt2`` AOTInductor package (run by torch,
 with the compiled ``mmdet_deform._C`` op library loaded directly, not through
 the ``mmdet_deform`` package). ``MODEL.json``, written by the export, says how
 to prepare an image. For every image the runner
@@ -309,7 +309,15 @@ def load_model(
     if runtime not in RUNTIMES:
         raise InputError(f'runtime must be one of {RUNTIMES}, got {runtime!r}')
     if meta['format'] == 'onnx':
-        return OpenVinoModel(path, threads) if runtime == 'openvino' else OnnxModel(path, threads)
+        if runtime == 'onnxruntime':
+            return OnnxModel(path, threads)
+        if meta.get('msda_form', 'grid_sample') != 'grid_sample':
+            raise InputError(
+                f'{path!r} was exported with --msda-form {meta["msda_form"]} (DeformConv), '
+                'which OpenVINO does not read: run it with --runtime onnxruntime, or export '
+                'with --msda-form grid_sample for OpenVINO'
+            )
+        return OpenVinoModel(path, threads)
     if runtime != 'onnxruntime':
         raise InputError(
             f'--runtime {runtime} runs .onnx models; {path!r} is a .pt2 package (run by torch)'
