@@ -282,9 +282,20 @@ def ms_deform_attn_onnx_deform_conv(
         right_heights = [op.Add(h, one) for h in heights[1:]]
         height = op.Max(height, op.ReduceSum(op.Concat(*right_heights, axis=0), keepdims=1))
         width = op.Add(left_width, right_width)
-    # one output position per query (row-major): at least num_queries positions
-    height = op.Max(height, op.Div(op.Sub(op.Add(num_queries, width), one), width))
-    canvas = op.Pad(maps[0], op.Concat(no_pads, op.Sub(height, heights[0]), one, axis=0))
+    # DeformConv's output grid, (height, columns), has a position per query
+    # (row-major, the rest unused); with a stride of 2 along the width the
+    # canvas is 2 * columns wide, so that the grid can have about as many
+    # positions as there are queries and the canvas still hold the maps
+    two = _ints(2)
+    columns = op.Max(
+        op.Div(op.Sub(op.Add(num_queries, height), one), height),  # ceil(nq / height)
+        op.Div(op.Add(width, one), two),  # ceil(width / 2)
+    )
+    # (bs, channels, height, 2 * columns): the padding right of the maps goes
+    # to the last block
+    spare = op.Sub(op.Mul(columns, two), width)  # (1,)
+    left_pads = one if num_levels > 1 else op.Add(one, spare)
+    canvas = op.Pad(maps[0], op.Concat(no_pads, op.Sub(height, heights[0]), left_pads, axis=0))
     corners = [(_ints(0), _ints(0))]  # (left, top) of every map
     if num_levels > 1:
         column, top = [], _ints(0)
@@ -294,14 +305,15 @@ def ms_deform_attn_onnx_deform_conv(
             corners.append((left_width, top))
             top = op.Add(top, right_heights[level - 1])
         column = op.Concat(*column, axis=2)
-        column = op.Pad(column, op.Concat(no_pads, op.Sub(height, top), _ints(0), axis=0))
-        canvas = op.Concat(canvas, column, axis=3)  # (bs, channels, height, width)
+        column = op.Pad(column, op.Concat(no_pads, op.Sub(height, top), spare, axis=0))
+        canvas = op.Concat(canvas, column, axis=3)
 
-    # output position of query q: (q // width, q % width)
-    width_scalar = op.Reshape(width, _ints())
-    query = op.Range(_scalar(0), op.Reshape(num_queries, _ints()), _scalar(1))
-    row = op.CastLike(op.Div(query, width_scalar), sampling_locations)  # (nq,)
-    col = op.CastLike(op.Mod(query, width_scalar), sampling_locations)
+    # query q: output position (q // columns, q % columns), where DeformConv's
+    # kernel starts at canvas pixel (q // columns, 2 * (q % columns))
+    columns_scalar = op.Squeeze(columns)
+    query = op.Range(_scalar(0), op.Squeeze(num_queries), _scalar(1))
+    row = op.CastLike(op.Div(query, columns_scalar), sampling_locations)  # (nq,)
+    col = op.CastLike(op.Mul(op.Mod(query, columns_scalar), _scalar(2)), sampling_locations)
 
     # (bs, nq, nh, nl, np, 2) -> (nl, 2, bs, nh, np, nq): one slice per level and axis
     locations = op.Transpose(sampling_locations, perm=[3, 5, 0, 2, 4, 1])
@@ -317,12 +329,10 @@ def ms_deform_attn_onnx_deform_conv(
         ):
             location = _at(locations, level, axis)  # (bs, nh, np, nq)
             location = op.Where(op.IsNaN(location), outside, location)
-            size = op.Reshape(op.CastLike(size, locations), _ints())
+            size = op.Squeeze(op.CastLike(size, locations))
             # the op's pixel coordinate, clipped into the map's zero border
             pixel = op.Clip(op.Sub(op.Mul(location, size), half), outside, size)
-            offset = op.Sub(
-                op.Add(pixel, op.Reshape(op.CastLike(corner, locations), _ints())), base
-            )
+            offset = op.Sub(op.Add(pixel, op.Squeeze(op.CastLike(corner, locations))), base)
             if axis == 0:  # minus the tap's own column, level * np + point
                 first = level * num_points
                 tap = op.Range(_scalar(first), _scalar(first + num_points), _scalar(1))
@@ -331,8 +341,8 @@ def ms_deform_attn_onnx_deform_conv(
                 )
             pair.append(op.Unsqueeze(offset, _ints(3)))
         offsets.append(op.Unsqueeze(op.Concat(*pair, axis=3), _ints(2)))  # (bs, nh, 1, np, 2, nq)
-    positions = op.Mul(height, width)
-    grid = op.Concat(_ints(0, -1), height, width, axis=0)
+    positions = op.Mul(height, columns)
+    grid = op.Concat(_ints(0, -1), height, columns, axis=0)
     unused = op.Concat(_ints(0, 0, 0, 0, 0), op.Sub(positions, num_queries), axis=0)
     # (bs, nh, nl, np, 2, nq) -> (bs, 2 * nh * taps, height, width)
     offsets = op.Concat(*offsets, axis=2)
@@ -354,7 +364,8 @@ def ms_deform_attn_onnx_deform_conv(
         offset_group=num_heads,
         kernel_shape=[1, taps],
         pads=[0, 0, 0, taps - 1],
-    )  # (bs, channels, height, width)
+        strides=[1, 2],
+    )  # (bs, channels, height, columns)
     output = op.Slice(op.Reshape(output, _ints(0, channels, -1)), _ints(0), num_queries, _ints(2))
     return op.Transpose(output, perm=[0, 2, 1])  # (bs, nq, channels)
 

@@ -154,6 +154,10 @@ def test_supported_opsets_pass_the_check():
 
 # ------------------------------------------------------------ the DeformConv form
 NUM_KEYS = 76  # of the 4-level layout of make_inputs
+# DeformConv takes a location as an offset from its output position, which is
+# up to twice the canvas's width away: float32 rounds it to about 1e-7 of that
+# (here up to ~2e-5 px for 500 queries: the canvas grows to 170 pixels wide)
+WIDE_CANVAS_ATOL = 1e-4
 
 
 def _operators(path) -> set:
@@ -226,7 +230,8 @@ def test_deform_conv_graph_for_any_number_of_queries(tmp_path, num_levels, num_q
     table = {target: ms_deform_attn_onnx_deform_conv}
     path = _export(tmp_path / 'msda.onnx', inputs, 19, dynamic=False, table=table)
     assert 'DeformConv' in _operators(path)
-    np.testing.assert_allclose(_run(path, inputs), _expected(inputs), rtol=1e-5, atol=1e-5)
+    atol = 1e-5 if num_queries <= NUM_KEYS else WIDE_CANVAS_ATOL
+    np.testing.assert_allclose(_run(path, inputs), _expected(inputs), rtol=1e-5, atol=atol)
 
 
 def test_deform_conv_form_keeps_grid_sample_for_cross_attention(tmp_path):
