@@ -6,10 +6,11 @@ without mmdet, mmcv or mmengine.
 
 ``MODEL`` is a ``.onnx`` file (run by ONNX Runtime, or by OpenVINO with
 ``--runtime openvino``, in float32, unless it was exported with ``--msda-form
-deform_conv``; with numpy and OpenCV only: torch is not imported) or a ``.pt2`` AOTInductor package (run by torch,
-with the compiled ``mmdet_deform._C`` op library loaded directly, not through
-the ``mmdet_deform`` package). ``MODEL.json``, written by the export, says how
-to prepare an image. For every image the runner
+deform_conv``; with numpy and OpenCV only: torch is not imported) or a
+``.pt2`` AOTInductor package (run by torch, with the compiled
+``mmdet_deform._C`` op library loaded directly, not through the
+``mmdet_deform`` package). ``MODEL.json``, written by the export, says how to
+prepare an image. For every image the runner
 
 1. decodes it as mmdet's ``LoadImageFromFile`` does (OpenCV, 3-channel BGR,
    8 bits);
