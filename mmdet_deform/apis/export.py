@@ -30,6 +30,7 @@ Example::
                     fmt='onnx', out='model.onnx')
 """
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -38,12 +39,12 @@ import os
 import os.path as osp
 import re
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..ops import at_least_float32
+from ..ops import MultiScaleDeformableAttention, at_least_float32
 
 __all__ = [
     'METADATA_SUFFIX',
@@ -57,6 +58,7 @@ __all__ = [
     'load_detector',
     'metadata_path',
     'model_variant',
+    'projecting_first',
     'read_preprocessing',
     'read_test_resize',
     'resized_shape',
@@ -428,6 +430,31 @@ def _export_program(module: ExportableDetector, example: Tensor, dynamic: bool):
         return torch.export.export(module, (example,), dynamic_shapes=_dynamic_shapes(dynamic))
 
 
+@contextlib.contextmanager
+def projecting_first(module: nn.Module) -> Iterator[None]:
+    """Within the block, the attention modules of ``module`` that sample the
+    unprojected value (``sample_then_project``, the decoder's
+    cross-attention) project first, the default order; restored on exit.
+
+    Both orders give the same result up to rounding. Sampling first is
+    faster in eager PyTorch, but in ONNX it samples 8x more channels in
+    ``GridSample``: projecting first makes the ONNX Runtime graph about 4%
+    faster overall (two-stage R50, 512x672).
+    """
+    switched = [
+        m
+        for m in module.modules()
+        if isinstance(m, MultiScaleDeformableAttention) and m.sample_then_project
+    ]
+    for m in switched:
+        m.sample_then_project = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.sample_then_project = True
+
+
 def export_onnx(
     module: ExportableDetector,
     example: Tensor,
@@ -436,7 +463,9 @@ def export_onnx(
     dynamic: bool = True,
     msda_form: str = 'grid_sample',
 ) -> Dict:
-    """Export ``module`` to an ONNX file of standard operators (weights inside).
+    """Export ``module`` to an ONNX file of standard operators (weights
+    inside), its attention projecting the value before sampling
+    (:func:`projecting_first`).
 
     Args:
         msda_form (str): How ``ms_deform_attn`` is written (see
@@ -451,7 +480,8 @@ def export_onnx(
     from mmdet_deform.ops.onnx import check_opset, onnx_translation_table
 
     check_opset(opset_version, msda_form)
-    program = _export_program(module, example, dynamic)
+    with projecting_first(module):
+        program = _export_program(module, example, dynamic)
     onnx_program = torch.onnx.export(
         program,
         input_names=['image'],

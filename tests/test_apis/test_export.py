@@ -17,6 +17,7 @@ from mmdet_deform.apis.export import (
     export_detector,
     load_detector,
     model_variant,
+    projecting_first,
     read_preprocessing,
     read_test_resize,
     resized_shape,
@@ -233,13 +234,19 @@ def test_export_refuses_an_unsupported_opset_and_existing_files(checkpoints, tmp
 
 # ---------------------------------------------------------------- ONNX parity
 @pytest.mark.slow
-@pytest.mark.parametrize('variant', ['plain', 'refine'])
-def test_onnx_export_matches_eager_at_any_size(checkpoints, tmp_path, variant):
+@pytest.mark.parametrize(
+    'variant,msda_form',
+    [('plain', 'grid_sample'), ('refine', 'grid_sample'), ('refine', 'deform_conv')],
+)
+def test_onnx_export_matches_eager_at_any_size(checkpoints, tmp_path, variant, msda_form):
     onnx = pytest.importorskip('onnx')
     ort = pytest.importorskip('onnxruntime')
     pytest.importorskip('onnxscript')
     out = str(tmp_path / f'{variant}.onnx')
-    meta = export_detector(config_path(variant), checkpoints[variant], 'onnx', out)
+    meta = export_detector(
+        config_path(variant), checkpoints[variant], 'onnx', out, msda_form=msda_form
+    )
+    assert meta['msda_form'] == msda_form
     with open(out + '.json') as f:
         assert json.load(f) == meta
     assert meta['variant'] == variant and meta['classes'] == list(CLASSES)
@@ -256,6 +263,21 @@ def test_onnx_export_matches_eager_at_any_size(checkpoints, tmp_path, variant):
             expected = [t.numpy() for t in module(img)]
         boxes, scores, labels = session.run(None, {'image': img.numpy()})
         assert_same_detections((boxes, scores, labels), expected, score_atol=1e-5, box_atol=1e-3)
+
+
+def test_onnx_export_projects_the_decoders_value_first_and_restores_the_model(checkpoints):
+    model, _, _ = load_detector(config_path('refine'), checkpoints['refine'])
+    cross = [layer.cross_attn for layer in model.decoder.layers]
+    assert cross and all(m.sample_then_project for m in cross)
+    self_attn = [layer.self_attn for layer in model.encoder.layers]
+    assert not any(m.sample_then_project for m in self_attn)
+    with projecting_first(model):
+        assert not any(m.sample_then_project for m in cross + self_attn)
+    assert all(m.sample_then_project for m in cross)
+    with pytest.raises(RuntimeError, match='inside'), projecting_first(model):
+        raise RuntimeError('inside')
+    assert all(m.sample_then_project for m in cross)
+    assert not any(m.sample_then_project for m in self_attn)
 
 
 def test_detection_matching_allows_tied_order_only():
