@@ -25,12 +25,13 @@ Two forms, both of standard operators (``form`` of
 * ``'deform_conv'`` (opset 19 and later; ONNX Runtime: OpenVINO has no
   ``DeformConv``): where the queries are as many as the keys (the encoder's
   self-attention over the maps) the op becomes one depthwise ``DeformConv``:
-  the levels' maps are laid out side by side in one zero-padded canvas (one
-  pixel of zeros around every map, coordinates clipped into it), every query
-  is one output position, every (level, point) one kernel tap with its offset
-  and the attention weight as its mask, so that sampling, weighting and the
-  sums over levels and points run in one operator (about half the time of the
-  ``GridSample`` form in ONNX Runtime). Other calls (the decoder's
+  the levels' maps are laid out side by side in one canvas (a row and a
+  column of zeros after every map, the canvas's own border reading zero,
+  coordinates clipped into them), every query is one output position, every
+  (level, point) one kernel tap with its offset and the attention weight as
+  its mask, so that sampling, weighting and the sums over levels and points
+  run in one operator (about half the time of the ``GridSample`` form's
+  operators in ONNX Runtime). Other calls (the decoder's
   cross-attention, whose few queries would waste a canvas-sized output grid)
   use the ``GridSample`` form.
 
@@ -129,6 +130,10 @@ def _ints(*values: int):
     return op.Constant(value_ints=list(values))
 
 
+def _scalar(value: int):
+    return op.Constant(value_int=value)
+
+
 def _float(value: float, like):
     return op.CastLike(op.Constant(value_float=value), like)
 
@@ -136,7 +141,7 @@ def _float(value: float, like):
 def _at(table, *indices: int):
     """``table[i][j]...`` (the leading axes dropped)."""
     for index in indices:
-        table = op.Gather(table, op.Constant(value_int=index), axis=0)
+        table = op.Gather(table, _scalar(index), axis=0)
     return table
 
 
@@ -216,10 +221,6 @@ def ms_deform_attn_onnx(
     # (bs*nh, hd, nq) -> (bs, nh*hd, nq) -> (bs, nq, nh*hd)
     output = op.Reshape(output, op.Concat(_ints(-1, num_heads * head_dim), num_queries, axis=0))
     return op.Transpose(output, perm=[0, 2, 1])
-
-
-def _scalar(value: int):
-    return op.Constant(value_int=value)
 
 
 def _level_maps(value, spatial_shapes, level_start_index, num_levels: int, channels: int):
