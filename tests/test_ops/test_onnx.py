@@ -119,16 +119,20 @@ def test_other_map_sizes_than_at_export(exported):
     np.testing.assert_allclose(_run(exported, inputs), _expected(inputs), rtol=1e-5, atol=1e-5)
 
 
-def test_non_finite_locations_contribute_zero(exported):
-    value, shapes, starts, loc, weights = _float32(make_inputs(2, 7, 3, 5, 4, 2, seed=4))
+def assert_non_finite_locations_contribute_zero(path, num_queries: int) -> None:
+    value, shapes, starts, loc, weights = _float32(make_inputs(2, num_queries, 3, 5, 4, 2, seed=4))
     loc[0, 0, 0, 0, 0, 0] = float('nan')
     loc[0, 1, 1, 1, 1, 1] = float('inf')
     loc[1, 2, 2, 2, 0, 0] = float('-inf')
     loc[1, 3, 0, 3, 1, 1] = 1e30
     inputs = (value, shapes, starts, loc, weights)
-    actual = _run(exported, inputs)
+    actual = _run(path, inputs)
     assert np.isfinite(actual).all()
     np.testing.assert_allclose(actual, ms_deform_attn(*inputs).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_non_finite_locations_contribute_zero(exported):
+    assert_non_finite_locations_contribute_zero(exported, num_queries=7)
 
 
 @pytest.mark.parametrize('opset_version', sorted({MIN_OPSET, 20, MAX_OPSET}))
@@ -209,15 +213,7 @@ def test_deform_conv_form_other_map_sizes(exported_deform_conv):
 
 
 def test_deform_conv_form_non_finite_locations_contribute_zero(exported_deform_conv):
-    value, shapes, starts, loc, weights = _float32(make_inputs(2, NUM_KEYS, 3, 5, 4, 2, seed=4))
-    loc[0, 0, 0, 0, 0, 0] = float('nan')
-    loc[0, 1, 1, 1, 1, 1] = float('inf')
-    loc[1, 2, 2, 2, 0, 0] = float('-inf')
-    loc[1, 3, 0, 3, 1, 1] = 1e30
-    inputs = (value, shapes, starts, loc, weights)
-    actual = _run(exported_deform_conv, inputs)
-    assert np.isfinite(actual).all()
-    np.testing.assert_allclose(actual, ms_deform_attn(*inputs).numpy(), rtol=1e-5, atol=1e-5)
+    assert_non_finite_locations_contribute_zero(exported_deform_conv, num_queries=NUM_KEYS)
 
 
 @pytest.mark.parametrize('num_levels', [1, 2, 4])

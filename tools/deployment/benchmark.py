@@ -165,25 +165,25 @@ def exported_steps(args, model, cfg, image: np.ndarray, work_dir: str) -> Dict[s
             seconds = time.perf_counter() - start
             print(f'{name}: exported and compiled in {seconds:.0f} s', flush=True)
         steps[name] = pt2_step(path, example)
-    if {'onnxruntime', 'openvino', 'openvino_bf16'} & set(args.paths):
-        path = osp.join(work_dir, 'model.onnx')
+
+    def onnx_file(name: str, msda_form: str) -> str:
+        path = osp.join(work_dir, name)
         if not (args.reuse_exports and osp.isfile(path)):
             start = time.perf_counter()
-            export_onnx(module, example, path, args.opset, dynamic=dynamic)
-            print(f'onnx: exported in {time.perf_counter() - start:.0f} s', flush=True)
+            export_onnx(module, example, path, args.opset, dynamic, msda_form=msda_form)
+            seconds = time.perf_counter() - start
+            print(f'onnx ({msda_form}): exported in {seconds:.0f} s', flush=True)
+        return path
+
+    if {'onnxruntime', 'openvino', 'openvino_bf16'} & set(args.paths):
+        path = onnx_file('model.onnx', 'grid_sample')
         if 'onnxruntime' in args.paths:
             steps['onnxruntime'] = onnxruntime_step(path, image, args.threads)
         for name, precision in (('openvino', 'f32'), ('openvino_bf16', 'bf16')):
             if name in args.paths:
                 steps[name] = openvino_step(path, image, args.threads, precision)
     if 'onnxruntime_deform_conv' in args.paths:
-        path = osp.join(work_dir, 'model_deform_conv.onnx')
-        if not (args.reuse_exports and osp.isfile(path)):
-            start = time.perf_counter()
-            export_onnx(module, example, path, args.opset, dynamic, msda_form='deform_conv')
-            print(
-                f'onnx (deform_conv): exported in {time.perf_counter() - start:.0f} s', flush=True
-            )
+        path = onnx_file('model_deform_conv.onnx', 'deform_conv')
         steps['onnxruntime_deform_conv'] = onnxruntime_step(path, image, args.threads)
     return {k: v for k, v in steps.items() if v is not None}
 
