@@ -361,6 +361,52 @@ def test_export_names_bad_input(tmp_path):
         assert f.read() == 'precious'
 
 
+PROFILER = 'tools/deployment/profile_onnxruntime.py'
+
+
+def test_onnxruntime_profile_of_an_exported_model(onnx_deform_conv_model):
+    """Per operator type and slowest nodes, from ONNX Runtime's profiler: the
+    deform_conv file samples the encoder with DeformConv and the decoder with
+    GridSample."""
+    proc = run_tool([PROFILER, onnx_deform_conv_model, '--shape', '168', '224', '--iters', '2'])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert '168x224 image' in proc.stdout
+    lines = proc.stdout.splitlines()
+    first = lines.index('| operator | ms per run | share | nodes |') + 2
+    rows = [line.strip('| ').split(' | ') for line in lines[first : lines.index('', first)]]
+    types = {row[0]: row for row in rows}
+    assert 'DeformConv' in types and 'GridSample' in types
+    assert abs(sum(float(row[2].rstrip('%')) for row in rows) - 100) < 1  # shares of one total
+    assert types['DeformConv'][3] == '2'  # the shapes model's two encoder layers
+
+
+def test_onnxruntime_profile_names_bad_input(onnx_model, tmp_path):
+    missing = str(tmp_path / 'missing.onnx')
+    proc = run_tool([PROFILER, missing])
+    assert proc.returncode == 2 and f'model {missing!r} not found' in proc.stderr
+    garbage = tmp_path / 'garbage.onnx'
+    garbage.write_bytes(b'not a model')
+    proc = run_tool([PROFILER, str(garbage)])
+    assert proc.returncode == 2 and 'is not an ONNX model ONNX Runtime can run' in proc.stderr
+    # a graph that does not take one uint8 image
+    onnx = pytest.importorskip('onnx')
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node('Relu', ['x'], ['y'])],
+        'g',
+        [helper.make_tensor_value_info('x', TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info('y', TensorProto.FLOAT, [2, 3])],
+    )
+    other = str(tmp_path / 'relu.onnx')
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 18)]), other)
+    proc = run_tool([PROFILER, other])
+    assert proc.returncode == 2 and 'expected one uint8 (H, W, 3) image' in proc.stderr
+    # a size the graph cannot take (smaller than the backbone's strides allow)
+    proc = run_tool([PROFILER, onnx_model, '--shape', '8', '8', '--iters', '1'])
+    assert proc.returncode == 2 and 'failed on a 8x8 image' in proc.stderr
+
+
 def test_benchmark_table_and_arguments():
     bench = load_tool('tools/deployment/benchmark.py')
     medians = {'mmdet': (2.0, 4.0), 'pt2': (0.5, 1.0), 'pt2_bf16': (0.25, 0.5)}

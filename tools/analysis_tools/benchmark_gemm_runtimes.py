@@ -1,0 +1,127 @@
+"""Float32 matrix products of the encoder's Linear layers in torch and in ONNX
+Runtime, side by side in one run: how much of the gap between our eager model
+and its ONNX Runtime export is the runtimes' GEMM kernels alone.
+
+    OMP_NUM_THREADS=2 python tools/analysis_tools/benchmark_gemm_runtimes.py --threads 2
+
+Every shape is ``(tokens, in) @ (in, out) + bias``, as ``nn.Linear`` on the
+encoder's tokens (7,144 for a 512x672 image): torch runs
+``torch.nn.functional.linear``, ONNX Runtime a one-node ``Gemm`` graph
+(``transB=1``, the weight as an initializer: prepacked, as in an exported
+model). The two take turns (1 warm-up + ``--iters`` timed each); ONNX Runtime's
+threads do not spin between runs, so that they do not slow torch's turn.
+Prints the medians and torch's speed-up over ONNX Runtime.
+"""
+
+import argparse
+import statistics
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+#: (tokens, in, out) of the encoder's Linear layers at 512x672: the FFN's two
+#: layers and the attention's value / output projections
+SHAPES = ((7144, 256, 1024), (7144, 1024, 256), (7144, 256, 256))
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--iters', type=int, default=20, help='timed runs per runtime and shape')
+    parser.add_argument(
+        '--shape',
+        type=int,
+        nargs=3,
+        action='append',
+        metavar=('TOKENS', 'IN', 'OUT'),
+        help='a shape to time (repeatable; default: the encoder Linear layers at 512x672)',
+    )
+    args = parser.parse_args(argv)
+    if args.threads < 1 or args.iters < 1:
+        parser.error('--threads and --iters must be >= 1')
+    if args.shape and min(min(s) for s in args.shape) < 1:
+        parser.error(f'--shape sizes must be >= 1, got {args.shape}')
+    return args
+
+
+def gemm_session(weight: np.ndarray, bias: np.ndarray, threads: int):
+    """An ONNX Runtime session of ``y = x @ weight.T + bias`` (one ``Gemm``)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    out_features, in_features = weight.shape
+    graph = helper.make_graph(
+        [helper.make_node('Gemm', ['x', 'weight', 'bias'], ['y'], transB=1)],
+        'linear',
+        [helper.make_tensor_value_info('x', TensorProto.FLOAT, ['tokens', in_features])],
+        [helper.make_tensor_value_info('y', TensorProto.FLOAT, ['tokens', out_features])],
+        [numpy_helper.from_array(weight, 'weight'), numpy_helper.from_array(bias, 'bias')],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 18)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=['CPUExecutionProvider']
+    )
+
+
+def time_shape(shape: Sequence[int], threads: int, iters: int) -> Dict[str, float]:
+    """Median milliseconds of torch and ONNX Runtime for one shape, and their
+    outputs' largest difference."""
+    tokens, in_features, out_features = shape
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((tokens, in_features), dtype=np.float32)
+    weight = (rng.standard_normal((out_features, in_features)) / in_features**0.5).astype(
+        np.float32
+    )
+    bias = rng.standard_normal(out_features, dtype=np.float32)
+    session = gemm_session(weight, bias, threads)
+    x_t, weight_t, bias_t = (torch.from_numpy(a) for a in (x, weight, bias))
+    steps = {
+        'torch': lambda: torch.nn.functional.linear(x_t, weight_t, bias_t),
+        'onnxruntime': lambda: session.run(None, {'x': x})[0],
+    }
+    samples = {name: [] for name in steps}
+    with torch.inference_mode():
+        for it in range(1 + iters):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step()
+                if it:
+                    samples[name].append(1000 * (time.perf_counter() - start))
+        difference = np.abs(steps['torch']().numpy() - steps['onnxruntime']()).max()
+    result = {name: statistics.median(values) for name, values in samples.items()}
+    result['max_abs_difference'] = float(difference)
+    return result
+
+
+def format_table(results: Dict[Tuple[int, int, int], Dict[str, float]], threads: int) -> str:
+    lines = [
+        f'| shape (tokens x in -> out), {threads} threads | torch (ms) | ONNX Runtime (ms) | '
+        'torch speed-up | max abs difference |',
+        '| --- | --- | --- | --- | --- |',
+    ]
+    for (tokens, in_features, out_features), r in results.items():
+        lines.append(
+            f'| {tokens} x {in_features} -> {out_features} | {r["torch"]:.2f} | '
+            f'{r["onnxruntime"]:.2f} | {r["onnxruntime"] / r["torch"]:.2f}x | '
+            f'{r["max_abs_difference"]:.1e} |'
+        )
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[Tuple[int, int, int], Dict[str, float]]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shapes = [tuple(s) for s in args.shape] if args.shape else list(SHAPES)
+    results = {shape: time_shape(shape, args.threads, args.iters) for shape in shapes}
+    print(format_table(results, args.threads))
+    return results
+
+
+if __name__ == '__main__':
+    main()
