@@ -48,8 +48,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def gemm_session(weight: np.ndarray, bias: np.ndarray, threads: int):
     """An ONNX Runtime session of ``y = x @ weight.T + bias`` (one ``Gemm``)."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError as e:
+        raise SystemExit(
+            f'benchmark_gemm_runtimes.py needs onnx and onnxruntime ({e}): '
+            '`pip install -e .[deploy]`'
+        ) from e
 
     out_features, in_features = weight.shape
     graph = helper.make_graph(

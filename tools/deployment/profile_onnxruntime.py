@@ -49,8 +49,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def open_session(path: str, threads: int, profile_dir: str):
     """An ONNX Runtime CPU session of ``path`` that profiles its runs into
     ``profile_dir``."""
-    import onnxruntime as ort
-
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise InputError(
+            'onnxruntime is not installed: `pip install onnxruntime` or `pip install -e .[deploy]`'
+        ) from e
     if not osp.isfile(path):
         raise InputError(f'model {path!r} not found')
     options = ort.SessionOptions()
@@ -92,9 +96,8 @@ def profile_runs(session, image: np.ndarray, iters: int) -> Tuple[List[Dict], Li
         session.run(None, {name: image})
     with open(session.end_profiling()) as f:
         events = json.load(f)
-    runs = sorted((e['ts'], e['ts'] + e['dur']) for e in events if e.get('name') == 'model_run')[
-        -iters:
-    ]
+    runs = sorted((e['ts'], e['ts'] + e['dur']) for e in events if e.get('name') == 'model_run')
+    runs = runs[-iters:]  # the warm-up's run is the first
     if len(runs) < iters:
         raise RuntimeError(f'the profile holds {len(runs)} runs, expected {iters}')
     first = runs[0][0]
