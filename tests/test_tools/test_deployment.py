@@ -296,6 +296,20 @@ def test_runner_refuses_deform_conv_files_in_openvino(onnx_deform_conv_model, im
     assert not out_dir.exists()
 
 
+def test_openvino_model_computes_in_the_precision_asked(onnx_model):
+    """f32 by default (the runner), bf16 on request (the benchmark's bf16 row)."""
+    pytest.importorskip('openvino')
+    runner = load_tool(RUNNER)
+
+    def precision(model) -> str:
+        return model.compiled.get_property('INFERENCE_PRECISION_HINT').to_string()
+
+    assert precision(runner.OpenVinoModel(onnx_model, 1)) == 'f32'
+    assert precision(runner.OpenVinoModel(onnx_model, 1, 'bf16')) == 'bf16'
+    with pytest.raises(runner.InputError, match="precision must be 'f32' or 'bf16', got 'fp16'"):
+        runner.OpenVinoModel(onnx_model, 1, 'fp16')
+
+
 def test_runner_refuses_sizes_the_model_does_not_take(tmp_path):
     runner = load_tool(RUNNER)
     meta = dict(input=dict(dynamic=True, min_hw=[65, 65], max_hw=[None, None]))

@@ -9,7 +9,8 @@ initialised weights are loaded into ours, and ours is exported as
 ``tools/deployment/export.py`` does (dynamic sizes unless ``--static``). Every
 path runs on one random uint8 image of ``--shape`` (default 512x672): the
 eager models through ``test_step`` (preprocessing, predict, rescale), the
-exported ones from the uint8 image to the final detections. The paths run in
+exported ones from the uint8 image to the final detections, loaded and run by
+the model classes of ``run_exported.py`` (what a deployment runs). The paths run in
 turn within every iteration (1 warm-up + ``--iters`` timed), so a change of
 machine load hits all of them; the table gives the medians and the speed-up
 over mmdet's eager inference.
@@ -153,6 +154,7 @@ def exported_steps(args, model, cfg, image: np.ndarray, work_dir: str) -> Dict[s
     module = ExportableDetector(model, **preprocessing).eval()
     example = torch.from_numpy(image)
     dynamic = not args.static
+    run = runner()
     steps = {}
     for name, dtype in (('pt2', None), ('pt2_bf16', torch.bfloat16)):
         if name not in args.paths:
@@ -164,7 +166,7 @@ def exported_steps(args, model, cfg, image: np.ndarray, work_dir: str) -> Dict[s
             export_pt2(exported, example, path, dynamic=dynamic)
             seconds = time.perf_counter() - start
             print(f'{name}: exported and compiled in {seconds:.0f} s', flush=True)
-        steps[name] = pt2_step(path, example)
+        steps[name] = exported_step(run, 'Pt2Model', image, path, args.threads)
 
     def onnx_file(name: str, msda_form: str) -> str:
         path = osp.join(work_dir, name)
@@ -178,60 +180,44 @@ def exported_steps(args, model, cfg, image: np.ndarray, work_dir: str) -> Dict[s
     if {'onnxruntime', 'openvino', 'openvino_bf16'} & set(args.paths):
         path = onnx_file('model.onnx', 'grid_sample')
         if 'onnxruntime' in args.paths:
-            steps['onnxruntime'] = onnxruntime_step(path, image, args.threads)
+            steps['onnxruntime'] = exported_step(run, 'OnnxModel', image, path, args.threads)
         for name, precision in (('openvino', 'f32'), ('openvino_bf16', 'bf16')):
             if name in args.paths:
-                steps[name] = openvino_step(path, image, args.threads, precision)
+                steps[name] = exported_step(
+                    run, 'OpenVinoModel', image, path, args.threads, precision
+                )
     if 'onnxruntime_deform_conv' in args.paths:
         path = onnx_file('model_deform_conv.onnx', 'deform_conv')
-        steps['onnxruntime_deform_conv'] = onnxruntime_step(path, image, args.threads)
+        steps['onnxruntime_deform_conv'] = exported_step(
+            run, 'OnnxModel', image, path, args.threads
+        )
     return {k: v for k, v in steps.items() if v is not None}
 
 
-def pt2_step(path: str, image: torch.Tensor) -> Callable:
-    compiled = torch._inductor.aoti_load_package(path)
+def runner():
+    """``tools/deployment/run_exported.py`` as a module: the exported paths
+    are timed through the runner's own model classes."""
+    import importlib.util
 
-    def step():
-        with torch.inference_mode():
-            compiled(image)
+    path = osp.join(REPO_ROOT, 'tools', 'deployment', 'run_exported.py')
+    spec = importlib.util.spec_from_file_location('run_exported', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    return step
 
-
-def onnxruntime_step(path: str, image: np.ndarray, threads: int) -> Optional[Callable]:
+def exported_step(run, model_class: str, image: np.ndarray, *args) -> Optional[Callable]:
+    """The runner's (``run``) ``model_class(*args)`` run on ``image``, or None
+    with a note where its runtime is not installed."""
     try:
-        import onnxruntime as ort
-    except ImportError:
-        print('onnxruntime is not installed: its row is skipped')
+        model = getattr(run, model_class)(*args)
+    except ImportError as e:
+        print(f'{e.name} is not installed: its row is skipped')
         return None
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
-    return lambda: session.run(None, {'image': image})
-
-
-def openvino_step(path: str, image: np.ndarray, threads: int, precision: str) -> Optional[Callable]:
-    """OpenVINO's CPU plugin at the inference precision ``precision`` (``'f32'``
-    or ``'bf16'``; it picks bf16 by itself on CPUs with AMX/AVX512-BF16, so it
-    is always set)."""
-    try:
-        import openvino as ov
-    except ImportError:
-        print('openvino is not installed: its row is skipped')
+    except run.InputError as e:
+        print(f'{e}: its row is skipped')
         return None
-    core = ov.Core()
-    compiled = core.compile_model(
-        core.read_model(path),
-        'CPU',
-        {
-            'INFERENCE_NUM_THREADS': threads,
-            'PERFORMANCE_HINT': 'LATENCY',
-            'INFERENCE_PRECISION_HINT': precision,
-        },
-    )
-    request = compiled.create_infer_request()
-    return lambda: request.infer({'image': image})
+    return lambda: model(image)
 
 
 def optimised_step(model, image: np.ndarray) -> Callable:
