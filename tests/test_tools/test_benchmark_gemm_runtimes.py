@@ -11,7 +11,9 @@ def test_gemm_runtimes_agree_and_table():
     pytest.importorskip('onnxruntime')
     pytest.importorskip('onnx')
     tool = load_tool('tools/analysis_tools/benchmark_gemm_runtimes.py')
-    results = tool.main(['--threads', '1', '--iters', '2', '--shape', '37', '24', '16'])
+    results = tool.main(
+        ['--threads', '1', '--iters', '2', '--rounds', '2', '--shape', '37', '24', '16']
+    )
     result = results[(37, 24, 16)]
     assert result['torch'] > 0 and result['onnxruntime'] > 0
     # the same product in both runtimes: float32 rounding only
@@ -25,3 +27,5 @@ def test_gemm_runtimes_agree_and_table():
         tool.parse_args(['--shape', '0', '4', '4'])
     with pytest.raises(SystemExit):
         tool.parse_args(['--iters', '0'])
+    with pytest.raises(SystemExit):
+        tool.parse_args(['--rounds', '0'])

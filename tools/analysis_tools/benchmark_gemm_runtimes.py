@@ -8,9 +8,14 @@ Every shape is ``(tokens, in) @ (in, out) + bias``, as ``nn.Linear`` on the
 encoder's tokens (7,144 for a 512x672 image): torch runs
 ``torch.nn.functional.linear``, ONNX Runtime a one-node ``Gemm`` graph
 (``transB=1``, the weight as an initializer: prepacked, as in an exported
-model). The two take turns (1 warm-up + ``--iters`` timed each); ONNX Runtime's
-threads do not spin between runs, so that they do not slow torch's turn.
-Prints the medians and torch's speed-up over ONNX Runtime.
+model). The runtimes run in blocks (1 warm-up + ``--iters`` timed calls),
+alternating for ``--rounds`` rounds; ONNX Runtime's threads do not spin
+between calls. Blocks, not call-by-call turns: right after a torch call,
+torch's OpenMP workers keep spinning for a while and take a core from the next
+runtime, which made ONNX Runtime's call up to twice as slow when the two
+alternated call by call (``GOMP_SPINCOUNT=0`` removes that effect, a warm-up
+call per block too). Prints the medians and torch's speed-up over ONNX
+Runtime.
 """
 
 import argparse
@@ -29,7 +34,12 @@ SHAPES = ((7144, 256, 1024), (7144, 1024, 256), (7144, 256, 256))
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--iters', type=int, default=20, help='timed runs per runtime and shape')
+    parser.add_argument(
+        '--iters', type=int, default=5, help='timed calls per block (after a warm-up call)'
+    )
+    parser.add_argument(
+        '--rounds', type=int, default=4, help='blocks per runtime and shape, alternating'
+    )
     parser.add_argument(
         '--shape',
         type=int,
@@ -39,8 +49,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help='a shape to time (repeatable; default: the encoder Linear layers at 512x672)',
     )
     args = parser.parse_args(argv)
-    if args.threads < 1 or args.iters < 1:
-        parser.error('--threads and --iters must be >= 1')
+    if min(args.threads, args.iters, args.rounds) < 1:
+        parser.error('--threads, --iters and --rounds must be >= 1')
     if args.shape and min(min(s) for s in args.shape) < 1:
         parser.error(f'--shape sizes must be >= 1, got {args.shape}')
     return args
@@ -75,8 +85,9 @@ def gemm_session(weight: np.ndarray, bias: np.ndarray, threads: int):
     )
 
 
-def time_shape(shape: Sequence[int], threads: int, iters: int) -> Dict[str, float]:
-    """Median milliseconds of torch and ONNX Runtime for one shape, and their
+def time_shape(shape: Sequence[int], threads: int, iters: int, rounds: int) -> Dict[str, float]:
+    """Median milliseconds of torch and ONNX Runtime for one shape (``rounds``
+    alternating blocks of a warm-up and ``iters`` timed calls each), and their
     outputs' largest difference."""
     tokens, in_features, out_features = shape
     rng = np.random.default_rng(0)
@@ -93,11 +104,12 @@ def time_shape(shape: Sequence[int], threads: int, iters: int) -> Dict[str, floa
     }
     samples = {name: [] for name in steps}
     with torch.inference_mode():
-        for it in range(1 + iters):
+        for _ in range(rounds):
             for name, step in steps.items():
-                start = time.perf_counter()
-                step()
-                if it:
+                step()  # warm-up: the other runtime's threads settle
+                for _ in range(iters):
+                    start = time.perf_counter()
+                    step()
                     samples[name].append(1000 * (time.perf_counter() - start))
         difference = np.abs(steps['torch']().numpy() - steps['onnxruntime']()).max()
     result = {name: statistics.median(values) for name, values in samples.items()}
@@ -124,7 +136,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[Tuple[int, int, int], Dict[st
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = [tuple(s) for s in args.shape] if args.shape else list(SHAPES)
-    results = {shape: time_shape(shape, args.threads, args.iters) for shape in shapes}
+    results = {shape: time_shape(shape, args.threads, args.iters, args.rounds) for shape in shapes}
     print(format_table(results, args.threads))
     return results
 
