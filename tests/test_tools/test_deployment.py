@@ -435,5 +435,39 @@ def test_benchmark_table_and_arguments():
         '| ours ONNX Runtime (no custom op, GridSample form) | 1.500 | n/a | 3.000 | n/a |' in table
     )
     assert bench.parse_args([]).paths == list(bench.PATHS)
-    with pytest.raises(SystemExit):
-        bench.parse_args(['--shape', '32', '32'])
+    assert bench.encoder_tokens((512, 672)) == 64 * 84 + 32 * 42 + 16 * 21 + 8 * 11
+    bad_args = (
+        ['--shape', '32', '32'],
+        ['--shape', '96', '128'],  # 256 tokens, fewer than the 300 proposals
+        ['--pause', '-1'],
+        ['--serve', 'ours'],
+    )
+    for bad in bad_args:
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+
+
+def test_benchmark_runs_every_path_in_its_own_process(tmp_path):
+    # a .pt2 file torch cannot load: its path is skipped with the runner's reason
+    (tmp_path / 'pt2.pt2').write_bytes(b'not a package')
+    proc = run_tool(
+        [
+            'tools/deployment/benchmark.py',
+            '--paths', 'mmdet', 'ours', 'pt2',
+            '--shape', '128', '160',
+            '--iters', '2', '--warmup', '0', '--pause', '0',
+            '--work-dir', str(tmp_path), '--reuse-exports',
+        ]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert 'pt2: torch cannot load the AOTInductor package' in out and 'its row is skipped' in out
+    pids = {name: int(out.split(f'{name}: process ')[1].split()[0]) for name in ('mmdet', 'ours')}
+    assert len(set(pids.values())) == 2
+    for name in ('mmdet', 'ours'):
+        assert sum(f'  {name} it {i}: ' in out for i in range(2)) == 2
+        assert osp.isfile(tmp_path / f'{name}.log')
+    rows = [line for line in out.splitlines() if line.startswith('| ')]
+    assert rows[2].startswith('| mmdet 3.3 eager |') and ' 1.00x ' in rows[2]
+    assert rows[3].startswith('| ours eager |') and len(rows) == 4  # no pt2 row
+    assert osp.isfile(tmp_path / 'weights.pth')
