@@ -20,8 +20,9 @@ the other runtimes). The processes take turns within every iteration
 (1 warm-up + ``--iters`` timed), with a ``--pause`` between turns so that no
 runtime's idle threads are still spinning when the next one starts, and a
 change of machine load hits all of them; every process times its own calls
-(wall and CPU time of its threads). The table gives the medians and the
-speed-up over mmdet's eager inference.
+(wall and CPU time of its threads; every iteration's line also shows the
+system time and minor page faults of the call). The table gives the medians
+and the speed-up over mmdet's eager inference.
 
 Example (2 threads, the numbers of docs/deployment.md)::
 
@@ -34,13 +35,14 @@ import logging
 import math
 import os
 import os.path as osp
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -81,6 +83,17 @@ EXPORTED = {
     'openvino': ('OpenVinoModel', 'model.onnx', ('f32',)),
     'openvino_bf16': ('OpenVinoModel', 'model.onnx', ('bf16',)),
 }
+
+
+class Timing(NamedTuple):
+    """One call, as its process measured it."""
+
+    wall: float  # seconds
+    cpu: float  # seconds of CPU time of the process's threads (user + system)
+    system: float  # of which in the kernel (page faults, mostly)
+    faults: int  # minor page faults
+
+
 # the first word of a worker's protocol lines (on a stdout of its own, so
 # that what libraries print cannot be taken for them)
 READY, SKIP, TIMES = 'ready', 'skip', 'times'
@@ -311,7 +324,7 @@ def path_step(args: argparse.Namespace, name: str) -> Callable[[], None]:
 def serve(args: argparse.Namespace) -> None:
     """The process of path ``args.serve``: build its call, answer ``ready``
     (or ``skip`` with the reason), then time one call per line read from
-    stdin and answer ``times WALL CPU``, until stdin closes."""
+    stdin and answer ``times`` and its :class:`Timing`, until stdin closes."""
     with os.fdopen(os.dup(1), 'w', buffering=1) as protocol:
         os.dup2(2, 1)  # what the libraries print goes to stderr (the path's log)
         sys.stdout = sys.stderr
@@ -325,10 +338,14 @@ def serve(args: argparse.Namespace) -> None:
         for line in sys.stdin:
             if line.strip() != 'run':
                 break
-            wall, cpu = time.perf_counter(), time.process_time()
+            usage, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             step()
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            protocol.write(f'{TIMES} {wall!r} {cpu!r}\n')
+            wall = time.perf_counter() - wall
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            system = after.ru_stime - usage.ru_stime
+            cpu = after.ru_utime - usage.ru_utime + system
+            faults = after.ru_minflt - usage.ru_minflt
+            protocol.write(f'{TIMES} {wall!r} {cpu!r} {system!r} {faults}\n')
 
 
 class PathProcess:
@@ -373,12 +390,12 @@ class PathProcess:
             )
         return words
 
-    def run(self) -> Tuple[float, float]:
-        """(wall, CPU) seconds of one call in the process."""
+    def run(self) -> Timing:
+        """One call in the process."""
         self.process.stdin.write('run\n')
         self.process.stdin.flush()
-        _, wall, cpu = self.answer((TIMES,))
-        return float(wall), float(cpu)
+        _, wall, cpu, system, faults = self.answer((TIMES,))
+        return Timing(float(wall), float(cpu), float(system), int(faults))
 
     def close(self, kill: bool = False) -> None:
         """End the process (closing its stdin ends its loop) and its pipes."""
@@ -416,17 +433,21 @@ def start_processes(args: argparse.Namespace, work_dir: str) -> Dict[str, PathPr
 
 
 def time_in_turns(
-    steps: Dict[str, Callable[[], Tuple[float, float]]], warmup: int, iters: int, pause: float
+    steps: Dict[str, Callable[[], Timing]], warmup: int, iters: int, pause: float
 ) -> Dict[str, Tuple[float, float]]:
     """Median (wall, CPU) seconds of every step (a call returning the
-    (wall, CPU) seconds it measured), the steps taking turns ``pause``
-    seconds apart."""
+    :class:`Timing` it measured), the steps taking turns ``pause`` seconds
+    apart."""
     samples = {name: [] for name in steps}
     for it in range(warmup + iters):
         for name, step in steps.items():
             time.sleep(pause)
-            wall, cpu = step()
-            print(f'  {name} it {it}: {wall:.3f} s wall, {cpu:.3f} s cpu', flush=True)
+            wall, cpu, system, faults = step()
+            print(
+                f'  {name} it {it}: {wall:.3f} s wall, {cpu:.3f} s cpu '
+                f'({system:.3f} s system, {faults} minor page faults)',
+                flush=True,
+            )
             if it >= warmup:
                 samples[name].append((wall, cpu))
     return {
