@@ -13,9 +13,9 @@ alternating for ``--rounds`` rounds; ONNX Runtime's threads do not spin
 between calls. Blocks, not call-by-call turns: right after a torch call,
 torch's OpenMP workers keep spinning for a while and take a core from the next
 runtime, which made ONNX Runtime's call up to twice as slow when the two
-alternated call by call (``GOMP_SPINCOUNT=0`` removes that effect, a warm-up
-call per block too). Prints the medians and torch's speed-up over ONNX
-Runtime.
+alternated call by call (``GOMP_SPINCOUNT=0`` removes that effect, and so
+does the untimed first call of every block). Prints the medians and torch's
+speed-up over ONNX Runtime.
 """
 
 import argparse
