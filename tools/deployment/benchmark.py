@@ -84,6 +84,15 @@ EXPORTED = {
     'openvino_bf16': ('OpenVinoModel', 'model.onnx', ('bf16',)),
 }
 
+#: How every exported file is written: ``export.py``'s format and its
+#: ``--precision`` (pt2) or ``--msda-form`` (onnx).
+EXPORT_OPTIONS = {
+    'pt2.pt2': ('pt2', 'f32'),
+    'pt2_bf16.pt2': ('pt2', 'bf16'),
+    'model.onnx': ('onnx', 'grid_sample'),
+    'model_deform_conv.onnx': ('onnx', 'deform_conv'),
+}
+
 
 class Timing(NamedTuple):
     """One call, as its process measured it."""
@@ -211,7 +220,14 @@ def prepare(args: argparse.Namespace, work_dir: str) -> None:
     torch.manual_seed(0)
     mmdet_model.init_weights()
     torch.save(mmdet_model.state_dict(), osp.join(work_dir, WEIGHTS_FILE))
-    if not set(EXPORTED) & set(args.paths):
+    files = {EXPORTED[name][1] for name in args.paths if name in EXPORTED}
+    to_export = [
+        file_name
+        for file_name in EXPORT_OPTIONS
+        if file_name in files
+        and not (args.reuse_exports and osp.isfile(osp.join(work_dir, file_name)))
+    ]
+    if not to_export:
         return
     from mmengine.config import Config
 
@@ -227,27 +243,18 @@ def prepare(args: argparse.Namespace, work_dir: str) -> None:
     del mmdet_model
     preprocessing = read_preprocessing(Config.fromfile(args.config))
     example = torch.from_numpy(test_image(args.shape))
-    dynamic = not args.static
-    for name, dtype in (('pt2', None), ('pt2_bf16', torch.bfloat16)):
-        path = osp.join(work_dir, EXPORTED[name][1])
-        if name not in args.paths or (args.reuse_exports and osp.isfile(path)):
-            continue
-        start = time.perf_counter()
-        exported = ExportableDetector(model, **preprocessing, autocast_dtype=dtype).eval()
-        export_pt2(exported, example, path, dynamic=dynamic)
-        print(f'{name}: exported and compiled in {time.perf_counter() - start:.0f} s', flush=True)
-    module = ExportableDetector(model, **preprocessing).eval()
-    for file_name, msda_form in (
-        (EXPORTED['onnxruntime'][1], 'grid_sample'),
-        (EXPORTED['onnxruntime_deform_conv'][1], 'deform_conv'),
-    ):
-        names = {name for name, exported in EXPORTED.items() if exported[1] == file_name}
+    for file_name in to_export:
         path = osp.join(work_dir, file_name)
-        if not names & set(args.paths) or (args.reuse_exports and osp.isfile(path)):
-            continue
+        file_format, option = EXPORT_OPTIONS[file_name]
         start = time.perf_counter()
-        export_onnx(module, example, path, args.opset, dynamic, msda_form=msda_form)
-        print(f'onnx ({msda_form}): exported in {time.perf_counter() - start:.0f} s', flush=True)
+        if file_format == 'pt2':
+            dtype = torch.bfloat16 if option == 'bf16' else None
+            module = ExportableDetector(model, **preprocessing, autocast_dtype=dtype).eval()
+            export_pt2(module, example, path, dynamic=not args.static)
+        else:
+            module = ExportableDetector(model, **preprocessing).eval()
+            export_onnx(module, example, path, args.opset, not args.static, msda_form=option)
+        print(f'{file_name}: exported in {time.perf_counter() - start:.0f} s', flush=True)
 
 
 def runner():
