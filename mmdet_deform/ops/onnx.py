@@ -25,15 +25,17 @@ Two forms, both of standard operators (``form`` of
 * ``'deform_conv'`` (opset 19 and later; ONNX Runtime: OpenVINO has no
   ``DeformConv``): where the queries are as many as the keys (the encoder's
   self-attention over the maps) the op becomes one depthwise ``DeformConv``:
-  the levels' maps are laid out side by side in one canvas (a row and a
-  column of zeros after every map, the canvas's own border reading zero,
-  coordinates clipped into them), every query is one output position, every
-  (level, point) one kernel tap with its offset and the attention weight as
-  its mask, so that sampling, weighting and the sums over levels and points
-  run in one operator (about half the time of the ``GridSample`` form's
-  operators in ONNX Runtime). Other calls (the decoder's
-  cross-attention, whose few queries would waste a canvas-sized output grid)
-  use the ``GridSample`` form.
+  the levels' maps are gathered into one canvas (transposed, so that the
+  offsets are the locations' (x, y) in their order; a row and a column of
+  zeros after every map, the canvas's own border reading zero, coordinates
+  clipped into them), every query is one output position, every (level,
+  point) one kernel tap with its offset and the attention weight as its
+  mask, so that sampling, weighting and the sums over levels and points run
+  in one operator, the offsets computed with a few operators over whole
+  tensors (about half the time of the ``GridSample`` form's operators in
+  ONNX Runtime). Other calls (the decoder's cross-attention, whose few
+  queries would waste a canvas-sized output grid) use the ``GridSample``
+  form.
 
 The maps' sizes are read from ``spatial_shapes`` and ``level_start_index`` at
 run time, so the graph keeps dynamic image sizes and numbers of queries; the
@@ -138,13 +140,6 @@ def _float(value: float, like):
     return op.CastLike(op.Constant(value_float=value), like)
 
 
-def _at(table, *indices: int):
-    """``table[i][j]...`` (the leading axes dropped)."""
-    for index in indices:
-        table = op.Gather(table, _scalar(index), axis=0)
-    return table
-
-
 def _static_dim(value, axis: int, name: str) -> int:
     dim = value.shape[axis]
     if not isinstance(dim, int):
@@ -223,32 +218,88 @@ def ms_deform_attn_onnx(
     return op.Transpose(output, perm=[0, 2, 1])
 
 
-def _level_maps(value, spatial_shapes, level_start_index, num_levels: int, channels: int):
-    """Every level's map and its size.
+def _canvas_layout(spatial_shapes, num_levels: int, num_queries, taps: int):
+    """Where every level's map lies in the ``'deform_conv'`` form's canvas, and
+    the canvas's and the output grid's sizes (all int64, computed at run time).
+
+    The canvas is transposed against the maps (its rows are the maps' x, its
+    columns their y), so that DeformConv's offsets, (row, column), are the
+    sampling locations' (x, y) in their own order. Level 0 lies at (0, 0);
+    the other levels lie below each other in a block to its right. Every map
+    is followed by a row and a column of zeros (the canvas's own border reads
+    zero in DeformConv), so that a location clipped into ``[-1, size]`` pixels
+    reads only its own map or zeros. DeformConv's kernel is one row of
+    ``taps`` (stride 1, no padding): its output grid has ``rows x (columns -
+    taps + 1)`` positions, one per query in row-major order; the canvas is
+    widened with zero columns where the maps alone would give too few.
+
+    Returns:
+        dict: ``heights``, ``widths`` (num_levels,), the first ``level_rows``
+        and ``level_columns`` of every map (num_levels,), ``rows``,
+        ``columns`` of the canvas and ``grid_columns`` of the output grid
+        (each of shape (1,)).
+    """
+    one = _ints(1)
+    heights = op.Gather(spatial_shapes, _scalar(0), axis=1)  # (nl,)
+    widths = op.Gather(spatial_shapes, _scalar(1), axis=1)
+    rows = op.Add(op.Slice(widths, _ints(0), one), one)  # level 0's x and a zero row
+    columns = op.Add(op.Slice(heights, _ints(0), one), one)
+    level_rows = level_columns = _ints(0)
+    if num_levels > 1:
+        block_rows = op.Add(op.Slice(widths, one, _ints(num_levels)), one)  # (nl - 1,)
+        block_columns = op.Add(op.Slice(heights, one, _ints(num_levels)), one)
+        level_rows = op.Concat(level_rows, op.CumSum(block_rows, _scalar(0), exclusive=1), axis=0)
+        level_columns = op.Concat(level_columns, op.Expand(columns, _ints(num_levels - 1)), axis=0)
+        rows = op.Max(rows, op.ReduceSum(block_rows, keepdims=1))
+        columns = op.Add(columns, op.ReduceMax(block_columns, keepdims=1))
+    # at least ceil(num_queries / rows) output columns
+    needed = op.Add(op.Div(op.Sub(op.Add(num_queries, rows), one), rows), _ints(taps - 1))
+    columns = op.Max(columns, needed)
+    return dict(
+        heights=heights,
+        widths=widths,
+        level_rows=level_rows,
+        level_columns=level_columns,
+        rows=rows,
+        columns=columns,
+        grid_columns=op.Sub(columns, _ints(taps - 1)),
+    )
+
+
+def _canvas(value, level_start_index, layout: dict, num_levels: int, channels: int):
+    """The ``'deform_conv'`` form's canvas: one ``Gather`` of the values' rows
+    (a zero row appended for the pixels outside every map), transposed.
 
     Args:
         value: has shape (bs, num_keys, num_heads, head_dim).
 
     Returns:
-        tuple[list, list, list]: The maps, each of shape (bs, channels, h, w)
-        (channel ``head * head_dim + d``), and their heights and widths, each
-        int64 of shape (1,).
+        The canvas, has shape (bs, channels, rows, columns), channel
+        ``head * head_dim + d``.
     """
-    num_keys = op.Shape(value, start=1, end=2)
-    # (bs, num_keys, nh, hd) -> (bs, nh, hd, num_keys) -> (bs, channels, num_keys)
-    value = op.Transpose(value, perm=[0, 2, 3, 1])
-    value = op.Reshape(value, op.Concat(_ints(0, channels), num_keys, axis=0))
-    maps, heights, widths = [], [], []
+    num_keys = op.Shape(value, start=1, end=2)  # (1,): the zero row's index
+    rows, columns = layout['rows'], layout['columns']
+    row = op.Unsqueeze(op.Range(_scalar(0), op.Squeeze(rows), _scalar(1)), _ints(1))  # (R, 1)
+    column = op.Unsqueeze(op.Range(_scalar(0), op.Squeeze(columns), _scalar(1)), _ints(0))  # (1, C)
+    key = num_keys
     for level in range(num_levels):
-        hw = op.Reshape(op.Gather(spatial_shapes, _ints(level), axis=0), _ints(2))
-        height, width = op.Slice(hw, _ints(0), _ints(1)), op.Slice(hw, _ints(1), _ints(2))
-        start = op.Gather(level_start_index, _ints(level), axis=0)  # (1,)
-        end = op.Add(start, op.Mul(height, width))
-        map_l = op.Slice(value, start, end, _ints(2))  # (bs, channels, h*w)
-        maps.append(op.Reshape(map_l, op.Concat(_ints(0, 0), hw, axis=0)))
-        heights.append(height)
-        widths.append(width)
-    return maps, heights, widths
+        at = _ints(level)
+        x = op.Sub(row, op.Gather(layout['level_rows'], at))  # (R, 1)
+        y = op.Sub(column, op.Gather(layout['level_columns'], at))  # (1, C)
+        width = op.Gather(layout['widths'], at)
+        inside = op.And(
+            op.And(op.GreaterOrEqual(x, _ints(0)), op.Less(x, width)),
+            op.And(op.GreaterOrEqual(y, _ints(0)), op.Less(y, op.Gather(layout['heights'], at))),
+        )
+        level_key = op.Add(op.Gather(level_start_index, at), op.Add(op.Mul(y, width), x))
+        key = op.Where(inside, level_key, key)  # (R, C)
+    values = op.Reshape(value, _ints(0, 0, channels))  # (bs, num_keys, channels)
+    zero_row = op.Expand(
+        _float(0.0, values), op.Concat(op.Shape(values, start=0, end=1), _ints(1, channels), axis=0)
+    )
+    canvas = op.Gather(op.Concat(values, zero_row, axis=1), op.Reshape(key, _ints(-1)), axis=1)
+    canvas = op.Transpose(canvas, perm=[0, 2, 1])  # (bs, channels, R * C)
+    return op.Reshape(canvas, op.Concat(_ints(0, channels), rows, columns, axis=0))
 
 
 def ms_deform_attn_onnx_deform_conv(
@@ -256,100 +307,62 @@ def ms_deform_attn_onnx_deform_conv(
 ):
     """The ``'deform_conv'`` form of the op's graph (see the module's
     docstring): one depthwise ``DeformConv`` (opset 19) over a canvas holding
-    every level's map. Correct for any number of queries (the canvas grows to
-    an output position per query); fast where the queries are about as many as
-    the keys. Arguments and result as :func:`ms_deform_attn_onnx`.
+    every level's map (see :func:`_canvas_layout`), every query one output
+    position, every (level, point) one kernel tap with its location as the
+    offset and its attention weight as the mask. Correct for any number of
+    queries (the canvas widens to an output position per query); fast where
+    the queries are about as many as the keys. Arguments and result as
+    :func:`ms_deform_attn_onnx`.
     """
     num_heads = _static_dim(value, 2, 'number of heads')
     head_dim = _static_dim(value, 3, 'head dimension')
     num_levels = _static_dim(sampling_locations, 3, 'number of levels')
     num_points = _static_dim(sampling_locations, 4, 'number of points')
     channels = num_heads * head_dim
-    taps = num_levels * num_points  # DeformConv's kernel: (1, taps), tap = (level, point)
+    taps = num_levels * num_points  # tap = level * num_points + point
     num_queries = op.Shape(sampling_locations, start=1, end=2)  # (1,)
-    one = _ints(1)
-    no_pads = _ints(0, 0, 0, 0, 0, 0)  # before every axis, after batch and channel
+    layout = _canvas_layout(spatial_shapes, num_levels, num_queries, taps)
+    canvas = _canvas(value, level_start_index, layout, num_levels, channels)
 
-    # the canvas: every map followed by a row and a column of zeros (its own
-    # border reads zero in DeformConv), level 0 at (0, 0), the others stacked
-    # in a column to its right
-    maps, heights, widths = _level_maps(
-        value, spatial_shapes, level_start_index, num_levels, channels
+    # offsets, whole tensors with the queries innermost:
+    # (bs, nq, nh, nl, np, 2) -> (bs, nh, nl, np, 2, nq), the last but one (x, y)
+    locations = op.Transpose(sampling_locations, perm=[0, 2, 3, 4, 5, 1])
+    sizes = op.Concat(
+        op.Unsqueeze(layout['widths'], _ints(1)), op.Unsqueeze(layout['heights'], _ints(1)), axis=1
     )
-    left_width = op.Add(widths[0], one)
-    height, width = op.Add(heights[0], one), left_width
-    if num_levels > 1:
-        right_width = op.Add(op.ReduceMax(op.Concat(*widths[1:], axis=0), keepdims=1), one)
-        right_heights = [op.Add(h, one) for h in heights[1:]]
-        height = op.Max(height, op.ReduceSum(op.Concat(*right_heights, axis=0), keepdims=1))
-        width = op.Add(left_width, right_width)
-    # DeformConv's output grid, (height, columns), has a position per query
-    # (row-major, the rest unused); with a stride of 2 along the width the
-    # canvas is 2 * columns wide, so that the grid can have about as many
-    # positions as there are queries and the canvas still hold the maps
-    two = _ints(2)
-    columns = op.Max(
-        op.Div(op.Sub(op.Add(num_queries, height), one), height),  # ceil(nq / height)
-        op.Div(op.Add(width, one), two),  # ceil(width / 2)
-    )
-    # (bs, channels, height, 2 * columns): the padding right of the maps goes
-    # to the last block
-    spare = op.Sub(op.Mul(columns, two), width)  # (1,)
-    left_pads = one if num_levels > 1 else op.Add(one, spare)
-    canvas = op.Pad(maps[0], op.Concat(no_pads, op.Sub(height, heights[0]), left_pads, axis=0))
-    corners = [(_ints(0), _ints(0))]  # (left, top) of every map
-    if num_levels > 1:
-        column, top = [], _ints(0)
-        for level in range(1, num_levels):
-            pads = op.Concat(no_pads, one, op.Sub(right_width, widths[level]), axis=0)
-            column.append(op.Pad(maps[level], pads))
-            corners.append((left_width, top))
-            top = op.Add(top, right_heights[level - 1])
-        column = op.Concat(*column, axis=2)
-        column = op.Pad(column, op.Concat(no_pads, op.Sub(height, top), spare, axis=0))
-        canvas = op.Concat(canvas, column, axis=3)
-
-    # query q: output position (q // columns, q % columns), where DeformConv's
-    # kernel starts at canvas pixel (q // columns, 2 * (q % columns))
-    columns_scalar = op.Squeeze(columns)
-    query = op.Range(_scalar(0), op.Squeeze(num_queries), _scalar(1))
-    row = op.CastLike(op.Div(query, columns_scalar), sampling_locations)  # (nq,)
-    col = op.CastLike(op.Mul(op.Mod(query, columns_scalar), _scalar(2)), sampling_locations)
-
-    # (bs, nq, nh, nl, np, 2) -> (nl, 2, bs, nh, np, nq): one slice per level and axis
-    locations = op.Transpose(sampling_locations, perm=[3, 5, 0, 2, 4, 1])
-    outside = _float(-1.0, locations)  # where NaN locations go: a map to the left
+    sizes = op.CastLike(op.Reshape(sizes, _ints(num_levels, 1, 2, 1)), locations)  # (w, h)
     half = _float(0.5, locations)
-    offsets = []
-    for level in range(num_levels):
-        left_l, top_l = corners[level]
-        pair = []
-        for axis, size, corner, base in (
-            (1, heights[level], top_l, row),  # DeformConv's offsets are (dy, dx)
-            (0, widths[level], left_l, col),
-        ):
-            location = _at(locations, level, axis)  # (bs, nh, np, nq)
-            location = op.Where(op.IsNaN(location), outside, location)
-            size = op.Squeeze(op.CastLike(size, locations))
-            # the op's pixel coordinate, clipped into the map's zero border
-            pixel = op.Clip(op.Sub(op.Mul(location, size), half), outside, size)
-            offset = op.Sub(op.Add(pixel, op.Squeeze(op.CastLike(corner, locations))), base)
-            if axis == 0:  # minus the tap's own column, level * np + point
-                first = level * num_points
-                tap = op.Range(_scalar(first), _scalar(first + num_points), _scalar(1))
-                offset = op.Sub(
-                    offset, op.CastLike(op.Reshape(tap, _ints(num_points, 1)), locations)
-                )
-            pair.append(op.Unsqueeze(offset, _ints(3)))
-        offsets.append(op.Unsqueeze(op.Concat(*pair, axis=3), _ints(2)))  # (bs, nh, 1, np, 2, nq)
-    positions = op.Mul(height, columns)
-    grid = op.Concat(_ints(0, -1), height, columns, axis=0)
+    # the op's pixel coordinate plus 1/2, NaN moved outside, clipped into the
+    # map's zero border: [-1, size] pixels
+    pixels = op.Mul(locations, sizes)
+    pixels = op.Where(op.IsNaN(pixels), op.Neg(half), pixels)
+    pixels = op.Min(op.Max(pixels, op.Neg(half)), op.Add(sizes, half))
+    # minus 1/2, plus the map's corner, minus the tap's own position: query q
+    # sits at grid (q // grid_columns, q % grid_columns), its tap t one column
+    # further per tap
+    grid_columns = layout['grid_columns']
+    query = op.Range(_scalar(0), op.Squeeze(num_queries), _scalar(1))
+    query_row = op.CastLike(op.Div(query, op.Squeeze(grid_columns)), locations)  # (nq,)
+    query_column = op.CastLike(op.Mod(query, op.Squeeze(grid_columns)), locations)
+    tap = op.Range(_scalar(0), _scalar(taps), _scalar(1))
+    tap = op.CastLike(op.Reshape(tap, _ints(num_levels, num_points, 1, 1)), locations)
+    per_level = _ints(num_levels, 1, 1, 1)
+    corner_row = op.Reshape(op.CastLike(layout['level_rows'], locations), per_level)
+    corner_column = op.Reshape(op.CastLike(layout['level_columns'], locations), per_level)
+    shift_row = op.Sub(op.Sub(corner_row, half), query_row)  # (nl, 1, 1, nq)
+    shift_row = op.Expand(
+        shift_row, op.Concat(_ints(num_levels, num_points, 1), num_queries, axis=0)
+    )
+    shift_column = op.Sub(op.Sub(op.Sub(corner_column, half), tap), query_column)  # (nl, np, 1, nq)
+    offsets = op.Add(pixels, op.Concat(shift_row, shift_column, axis=2))
+
+    # (bs, C', nq) -> (bs, C', rows, grid_columns): the unused positions padded
+    positions = op.Mul(layout['rows'], grid_columns)
     unused = op.Concat(_ints(0, 0, 0, 0, 0), op.Sub(positions, num_queries), axis=0)
-    # (bs, nh, nl, np, 2, nq) -> (bs, 2 * nh * taps, height, width)
-    offsets = op.Concat(*offsets, axis=2)
+    grid = op.Concat(_ints(0, -1), layout['rows'], grid_columns, axis=0)
     offsets = op.Reshape(offsets, op.Concat(_ints(0, 2 * num_heads * taps), num_queries, axis=0))
     offsets = op.Reshape(op.Pad(offsets, unused), grid)
-    # (bs, nq, nh, nl, np) -> (bs, nh * taps, height, width)
+    # (bs, nq, nh, nl, np) -> (bs, nh * taps, rows, grid_columns)
     mask = op.Transpose(attention_weights, perm=[0, 2, 3, 4, 1])
     mask = op.Reshape(mask, op.Concat(_ints(0, num_heads * taps), num_queries, axis=0))
     mask = op.Reshape(op.Pad(mask, unused), grid)
@@ -364,9 +377,7 @@ def ms_deform_attn_onnx_deform_conv(
         group=channels,
         offset_group=num_heads,
         kernel_shape=[1, taps],
-        pads=[0, 0, 0, taps - 1],
-        strides=[1, 2],
-    )  # (bs, channels, height, columns)
+    )  # (bs, channels, rows, grid_columns)
     output = op.Slice(op.Reshape(output, _ints(0, channels, -1)), _ints(0), num_queries, _ints(2))
     return op.Transpose(output, perm=[0, 2, 1])  # (bs, nq, channels)
 

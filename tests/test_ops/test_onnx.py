@@ -159,8 +159,8 @@ def test_supported_opsets_pass_the_check():
 # ------------------------------------------------------------ the DeformConv form
 NUM_KEYS = 76  # of the 4-level layout of make_inputs
 # DeformConv takes a location as an offset from its output position, which is
-# up to twice the canvas's width away: float32 rounds it to about 1e-7 of that
-# (here up to ~2e-5 px for 500 queries: the canvas grows to 170 pixels wide)
+# up to the canvas's width away: float32 rounds it to about 1e-7 of that (here
+# up to ~1e-5 px for 500 queries: the canvas widens to up to 77 columns)
 WIDE_CANVAS_ATOL = 1e-4
 
 
