@@ -327,10 +327,8 @@ def ms_deform_attn_onnx_deform_conv(
     # offsets, whole tensors with the queries innermost:
     # (bs, nq, nh, nl, np, 2) -> (bs, nh, nl, np, 2, nq), the last but one (x, y)
     locations = op.Transpose(sampling_locations, perm=[0, 2, 3, 4, 5, 1])
-    sizes = op.Concat(
-        op.Unsqueeze(layout['widths'], _ints(1)), op.Unsqueeze(layout['heights'], _ints(1)), axis=1
-    )
-    sizes = op.CastLike(op.Reshape(sizes, _ints(num_levels, 1, 2, 1)), locations)  # (w, h)
+    sizes = op.Gather(spatial_shapes, _ints(1, 0), axis=1)  # (nl, 2): (w, h)
+    sizes = op.CastLike(op.Reshape(sizes, _ints(num_levels, 1, 2, 1)), locations)
     half = _float(0.5, locations)
     # the op's pixel coordinate plus 1/2, NaN moved outside, clipped into the
     # map's zero border: [-1, size] pixels
