@@ -73,7 +73,11 @@ FORMATS = ('onnx', 'pt2')
 #: ``precision`` of :func:`export_detector` -> ``autocast_dtype`` of
 #: :class:`ExportableDetector`. bf16 is for ``.pt2`` packages: fast on CPUs
 #: with bf16 matrix units (AVX512-BF16, AMX), slower than float32 elsewhere.
-PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16}
+#: int8 is for ONNX files: the float32 graph quantized afterwards
+#: (:mod:`mmdet_deform.apis.quantize`).
+PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'int8': None}
+#: The format each precision other than fp32 is for.
+PRECISION_FORMATS = {'bf16': 'pt2', 'int8': 'onnx'}
 DEFAULT_OPSET = 20
 _INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'area', 'lanczos')
 
@@ -562,6 +566,8 @@ def export_detector(
     overwrite: bool = False,
     precision: str = 'fp32',
     msda_form: str = 'grid_sample',
+    calibration_images: Optional[Sequence[str]] = None,
+    calibration_num: int = 32,
 ) -> Dict:
     """Export the detector of ``config`` with the weights of ``checkpoint``.
 
@@ -576,12 +582,19 @@ def export_detector(
             after the resize instead of dynamic sizes.
         score_thr (float): The runner's default score threshold for drawing.
         overwrite (bool): Replace existing ``out`` / metadata files.
-        precision (str): ``'fp32'`` (the default) or ``'bf16'`` (``pt2``
-            only): the backbone, neck, encoder and decoder run under bf16
-            autocast (see :class:`ExportableDetector`).
+        precision (str): ``'fp32'`` (the default), ``'bf16'`` (``pt2``
+            only: the backbone, neck, encoder and decoder run under bf16
+            autocast, see :class:`ExportableDetector`) or ``'int8'`` (``onnx``
+            only: the float32 file quantized, convolutions calibrated on
+            images, see :mod:`mmdet_deform.apis.quantize`).
         msda_form (str): ``fmt='onnx'`` only: ``'grid_sample'`` (the
             default; ONNX Runtime and OpenVINO) or ``'deform_conv'`` (faster
             in ONNX Runtime, opset 19 or later; see :func:`export_onnx`).
+        calibration_images (Sequence[str], optional): ``precision='int8'``:
+            image files or folders to calibrate the convolutions on; defaults
+            to the images of the config's ``train_dataloader``.
+        calibration_num (int): ``precision='int8'``: how many of them (the
+            first ones). Defaults to 32.
 
     Returns:
         dict: The metadata written.
@@ -590,11 +603,13 @@ def export_detector(
         raise ValueError(f'fmt must be one of {FORMATS}, got {fmt!r}')
     if precision not in PRECISIONS:
         raise ValueError(f'precision must be one of {tuple(PRECISIONS)}, got {precision!r}')
-    if precision != 'fp32' and fmt != 'pt2':
+    if precision != 'fp32' and fmt != PRECISION_FORMATS[precision]:
         raise ValueError(
-            f"precision={precision!r} is for fmt='pt2' only (the ONNX export is float32), "
+            f'precision={precision!r} is for fmt={PRECISION_FORMATS[precision]!r} only, '
             f'got fmt={fmt!r}'
         )
+    if calibration_num < 1:
+        raise ValueError(f'calibration_num must be >= 1, got {calibration_num}')
     if fmt == 'onnx':
         from mmdet_deform.ops.onnx import check_opset
 
@@ -620,7 +635,22 @@ def export_detector(
     example = _example_image(resize, shape)
     out_dir = osp.dirname(osp.abspath(out))
     os.makedirs(out_dir, exist_ok=True)
-    if fmt == 'onnx':
+    quantization = None
+    if fmt == 'onnx' and precision == 'int8':
+        from mmdet_deform.apis.quantize import calibration_images as read_calibration
+        from mmdet_deform.apis.quantize import quantize_onnx
+
+        images = read_calibration(cfg, calibration_num, calibration_images)
+        float_file = out + '.fp32.tmp'
+        try:
+            ranges = export_onnx(
+                module, example, float_file, opset_version, shape is None, msda_form
+            )
+            quantization = quantize_onnx(float_file, out, images)
+        finally:
+            if osp.exists(float_file):
+                os.remove(float_file)
+    elif fmt == 'onnx':
         ranges = export_onnx(
             module, example, out, opset_version, dynamic=shape is None, msda_form=msda_form
         )
@@ -639,6 +669,7 @@ def export_detector(
         opset_version=opset_version if fmt == 'onnx' else None,
         msda_form=msda_form if fmt == 'onnx' else None,
         precision=precision,
+        quantization=quantization,
         torch_version=torch.__version__.split('+')[0],
         variant=model_variant(cfg.model),
         config=osp.basename(config) if isinstance(config, str) else None,

@@ -76,6 +76,15 @@ def onnx_deform_conv_model(dist_run, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope='module')
+def onnx_int8_model(dist_run, images, tmp_path_factory) -> str:
+    for name in ('onnx', 'onnxscript', 'onnxruntime'):
+        pytest.importorskip(name)
+    out = str(tmp_path_factory.mktemp('onnx_int8') / 'model.onnx')
+    int8 = ['--precision', 'int8', '--calib-images', images]  # calibrated on its two images
+    return export(dist_run, 'onnx', out, '--msda-form', 'deform_conv', *int8)
+
+
+@pytest.fixture(scope='module')
 def pt2_model(dist_run, tmp_path_factory) -> str:
     return export(dist_run, 'pt2', str(tmp_path_factory.mktemp('pt2') / 'model.pt2'))
 
@@ -233,6 +242,58 @@ def test_bf16_package_is_close_to_image_demo(pt2_bf16_model, images, demo_preds,
         assert len(diffs) >= 0.9 * top
 
 
+def test_int8_file_is_close_to_image_demo(
+    onnx_int8_model, onnx_deform_conv_model, images, demo_preds, tmp_path
+):
+    from mmdet_deform.apis.quantize import quantized_operators
+
+    with open(onnx_int8_model + '.json') as f:
+        meta = json.load(f)
+    assert meta['precision'] == 'int8' and meta['msda_form'] == 'deform_conv'
+    # every convolution and Linear layer of the float32 file runs in int8; the
+    # float32 matrix products left multiply two activations (the decoder's
+    # self-attention: two per layer)
+    float32 = quantized_operators(onnx_deform_conv_model)
+    decoder_layers = Config.fromfile(CONFIG).model.decoder.num_layers
+    assert meta['quantization'] == dict(
+        convs=float32['float_convs'],
+        linears=float32['float_matmuls'] - 2 * decoder_layers,
+        float_convs=0,
+        float_matmuls=2 * decoder_layers,
+        calibration_images=2,
+    )
+    out_dir = str(tmp_path / 'out')
+    inputs = [osp.join(images, 'demo.jpg'), osp.join(images, 'tall.png')]
+    proc = run_runner(onnx_int8_model, *inputs, '--out-dir', out_dir, '--threads', '1')
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert not loaded_modules(proc) & (OPENMMLAB | {'torch'})
+    top = 40
+    for stem in ('demo', 'tall'):
+        actual = read_preds(osp.join(out_dir, 'preds', f'{stem}.json'))
+        expected = demo_preds[stem]
+        # near-tied scores (see the bf16 test): sorted scores, and twins of
+        # most top detections at any rank
+        score_diff = np.abs(actual['scores'] - expected['scores']).max()
+        diffs = matched_detections(actual, expected, top, score_atol=1e-3, box_atol=0.5)
+        print(
+            f'{stem}: max |sorted score diff| {score_diff:.2e}, {len(diffs)} of the top {top} '
+            f'matched, max |box diff| {max(diffs, default=0):.2e} px'
+        )
+        assert 0 < score_diff < 2e-3  # int8 did run
+        assert len(diffs) >= 0.9 * top
+
+
+def test_runner_refuses_int8_files_in_openvino(onnx_int8_model, images, tmp_path):
+    out_dir = tmp_path / 'out'
+    good = osp.join(images, 'demo.jpg')
+    proc = run_tool(
+        [RUNNER, onnx_int8_model, good, '--out-dir', str(out_dir), '--runtime', 'openvino']
+    )
+    assert proc.returncode == 2
+    assert f"'{onnx_int8_model}' was exported with --precision int8" in proc.stderr
+    assert not out_dir.exists()
+
+
 # ---------------------------------------------------------------- bad input
 def test_runner_names_bad_images(onnx_model, images, tmp_path):
     empty = tmp_path / 'empty.png'
@@ -354,6 +415,29 @@ def test_export_names_bad_input(tmp_path):
         [EXPORT, CONFIG, plain, '--format', 'onnx', '--out', out, '--precision', 'bf16']
     )
     assert proc.returncode == 2 and '--precision bf16 is for --format pt2 only' in proc.stderr
+    pt2_out = str(tmp_path / 'm.pt2')
+    proc = run_tool(
+        [EXPORT, CONFIG, plain, '--format', 'pt2', '--out', pt2_out, '--precision', 'int8']
+    )
+    assert proc.returncode == 2 and '--precision int8 is for --format onnx only' in proc.stderr
+    int8 = ['--format', 'onnx', '--out', out, '--precision', 'int8']
+    missing = str(tmp_path / 'calib')
+    proc = run_tool([EXPORT, CONFIG, plain, *int8, '--calib-images', missing])
+    assert proc.returncode == 2 and f'calibration image not found: {missing!r}' in proc.stderr
+    proc = run_tool(
+        [EXPORT, CONFIG, plain, '--format', 'onnx', '--out', out, '--calib-images', out]
+    )
+    assert proc.returncode == 2 and '--calib-images is for --precision int8 only' in proc.stderr
+    proc = run_tool([EXPORT, CONFIG, plain, *int8, '--calib-num', '0'])
+    assert proc.returncode == 2 and '--calib-num must be >= 1, got 0' in proc.stderr
+    # a calibration file that is not an image (found once the checkpoint is read)
+    two_stage = save_random_checkpoint('two_stage', str(tmp_path / 'two_stage.pth'))
+    broken = tmp_path / 'broken.jpg'
+    broken.write_text('not an image')
+    proc = run_tool([EXPORT, CONFIG, two_stage, *int8, '--calib-images', str(broken)])
+    assert proc.returncode == 2
+    assert f'calibration image could not be read: {str(broken)!r}' in proc.stderr
+    assert not osp.exists(out) and not [p for p in os.listdir(tmp_path) if p.endswith('.tmp')]
     deform_conv = ['--msda-form', 'deform_conv']
     proc = run_tool(
         [EXPORT, CONFIG, plain, '--format', 'onnx', '--out', out, *deform_conv, '--opset', '18']
@@ -472,3 +556,27 @@ def test_benchmark_runs_every_path_in_its_own_process(tmp_path):
     assert rows[2].startswith('| mmdet 3.3 eager |') and ' 1.00x ' in rows[2]
     assert rows[3].startswith('| ours eager |') and len(rows) == 4  # no pt2 row
     assert osp.isfile(tmp_path / 'weights.pth')
+
+
+def test_benchmark_quantizes_the_deform_conv_file_for_its_int8_row(
+    onnx_deform_conv_model, tmp_path
+):
+    from mmdet_deform.apis.quantize import quantized_operators
+
+    # any float32 deform_conv file stands in for the R50 export (reused)
+    shutil.copy(onnx_deform_conv_model, tmp_path / 'model_deform_conv.onnx')
+    proc = run_tool(
+        [
+            'tools/deployment/benchmark.py',
+            '--paths', 'onnxruntime_int8',
+            '--shape', '128', '160',
+            '--iters', '1', '--warmup', '0', '--pause', '0',
+            '--work-dir', str(tmp_path), '--reuse-exports',
+        ]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'model_deform_conv_int8.onnx: exported in' in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith('| ours ONNX Runtime')]
+    assert len(rows) == 1 and rows[0].startswith('| ours ONNX Runtime, int8 ')
+    counts = quantized_operators(str(tmp_path / 'model_deform_conv_int8.onnx'))
+    assert counts['float_convs'] == 0 and counts['convs'] > 0 and counts['linears'] > 0

@@ -57,6 +57,7 @@ PATHS = (
     'pt2_bf16',
     'onnxruntime',
     'onnxruntime_deform_conv',
+    'onnxruntime_int8',
     'openvino',
     'openvino_bf16',
 )
@@ -68,6 +69,7 @@ LABELS = {
     'pt2_bf16': 'ours pt2, bf16 autocast (--precision bf16)',
     'onnxruntime': 'ours ONNX Runtime (no custom op, GridSample form)',
     'onnxruntime_deform_conv': 'ours ONNX Runtime (no custom op, --msda-form deform_conv)',
+    'onnxruntime_int8': 'ours ONNX Runtime, int8 (deform_conv form, --precision int8)',
     'openvino': 'ours OpenVINO, float32 (same ONNX)',
     'openvino_bf16': 'ours OpenVINO, bf16 inference precision (same ONNX)',
 }
@@ -80,17 +82,21 @@ EXPORTED = {
     'pt2_bf16': ('Pt2Model', 'pt2_bf16.pt2', ()),
     'onnxruntime': ('OnnxModel', 'model.onnx', ()),
     'onnxruntime_deform_conv': ('OnnxModel', 'model_deform_conv.onnx', ()),
+    'onnxruntime_int8': ('OnnxModel', 'model_deform_conv_int8.onnx', ()),
     'openvino': ('OpenVinoModel', 'model.onnx', ('f32',)),
     'openvino_bf16': ('OpenVinoModel', 'model.onnx', ('bf16',)),
 }
 
 #: How every exported file is written: ``export.py``'s format and its
-#: ``--precision`` (pt2) or ``--msda-form`` (onnx).
+#: ``--precision`` (pt2) or ``--msda-form`` (onnx); the int8 file is the
+#: float32 ``deform_conv`` one quantized (``--precision int8``), calibrated
+#: on the benchmark's image (the speed does not depend on the scales).
 EXPORT_OPTIONS = {
     'pt2.pt2': ('pt2', 'f32'),
     'pt2_bf16.pt2': ('pt2', 'bf16'),
     'model.onnx': ('onnx', 'grid_sample'),
     'model_deform_conv.onnx': ('onnx', 'deform_conv'),
+    'model_deform_conv_int8.onnx': ('onnx_int8', 'model_deform_conv.onnx'),
 }
 
 
@@ -140,8 +146,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         '--reuse-exports',
         action='store_true',
-        help='time model.onnx / model_deform_conv.onnx / pt2.pt2 / pt2_bf16.pt2 already in '
-        '--work-dir (exported by an earlier run with the same options) instead of exporting again',
+        help='time the files of EXPORT_OPTIONS (model.onnx, pt2.pt2, ...) already in --work-dir '
+        '(exported by an earlier run with the same options) instead of exporting again',
     )
     # the process of one path (started by the benchmark itself)
     parser.add_argument('--serve', choices=PATHS, default=None, help=argparse.SUPPRESS)
@@ -152,10 +158,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error(f'--pause must be between 0 and 60 seconds, got {args.pause}')
     if min(args.shape) < 65:
         parser.error(f'--shape must be at least 65x65, got {args.shape}')
-    if 'onnxruntime_deform_conv' in args.paths and args.opset < 19:
-        parser.error(
-            f'onnxruntime_deform_conv needs --opset 19 or later (DeformConv), got {args.opset}'
-        )
+    for name in ('onnxruntime_deform_conv', 'onnxruntime_int8'):
+        if name in args.paths and args.opset < 19:
+            parser.error(f'{name} needs --opset 19 or later (DeformConv), got {args.opset}')
     if args.serve is not None and args.work_dir is None:
         parser.error('--serve needs --work-dir')
     if args.serve is None:
@@ -243,6 +248,7 @@ def prepare(args: argparse.Namespace, work_dir: str) -> None:
     del mmdet_model
     preprocessing = read_preprocessing(Config.fromfile(args.config))
     example = torch.from_numpy(test_image(args.shape))
+    done = []
     for file_name in to_export:
         path = osp.join(work_dir, file_name)
         file_format, option = EXPORT_OPTIONS[file_name]
@@ -251,9 +257,18 @@ def prepare(args: argparse.Namespace, work_dir: str) -> None:
             dtype = torch.bfloat16 if option == 'bf16' else None
             module = ExportableDetector(model, **preprocessing, autocast_dtype=dtype).eval()
             export_pt2(module, example, path, dynamic=not args.static)
+        elif file_format == 'onnx_int8':
+            from mmdet_deform.apis.quantize import quantize_onnx
+
+            source = osp.join(work_dir, option)  # written in this run, or reused
+            if option not in done and not (args.reuse_exports and osp.isfile(source)):
+                module = ExportableDetector(model, **preprocessing).eval()
+                export_onnx(module, example, source, args.opset, not args.static, 'deform_conv')
+            quantize_onnx(source, path, [test_image(args.shape)])
         else:
             module = ExportableDetector(model, **preprocessing).eval()
             export_onnx(module, example, path, args.opset, not args.static, msda_form=option)
+        done.append(file_name)
         print(f'{file_name}: exported in {time.perf_counter() - start:.0f} s', flush=True)
 
 

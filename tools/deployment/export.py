@@ -7,6 +7,8 @@ runs in stock ONNX Runtime / OpenVINO) or an AOTInductor package (``.pt2``).
     python tools/deployment/export.py CONFIG CHECKPOINT --format pt2 --out model.pt2
     python tools/deployment/export.py CONFIG CHECKPOINT --format pt2 --precision bf16 \
         --out model_bf16.pt2
+    python tools/deployment/export.py CONFIG CHECKPOINT --format onnx --msda-form deform_conv \
+        --precision int8 [--calib-images DIR] --out model_int8.onnx
 
 The graph takes one uint8 (H, W, 3) BGR image as the test pipeline's Resize
 leaves it and returns ``boxes`` (N, 4), ``scores`` (N,) and ``labels`` (N,)
@@ -15,7 +17,11 @@ the head's sigmoid + top-k are inside. Height and width are dynamic unless
 ``--shape H W`` is given. ``--precision bf16`` (``.pt2`` only) runs the
 backbone, neck, encoder and decoder under bf16 autocast: about twice as fast
 on CPUs with bf16 matrix units (AMX), slower elsewhere, with scores that
-differ from float32 in the third decimal. ``--msda-form deform_conv`` writes
+differ from float32 in the third decimal. ``--precision int8`` (ONNX only)
+quantizes the float32 file for ONNX Runtime: int8 convolutions calibrated on
+``--calib-num`` images (``--calib-images``, or else the config's training
+set), int8 Linear layers with inputs quantized at run time (see
+``mmdet_deform/apis/quantize.py``). ``--msda-form deform_conv`` writes
 the encoder's attention as one ``DeformConv`` per layer: faster in ONNX
 Runtime, but OpenVINO cannot read it. ``<out>.json`` holds what
 ``tools/deployment/run_exported.py`` needs (classes, resize, valid sizes...).
@@ -33,7 +39,8 @@ from typing import List, Optional
 import torch  # noqa: F401  (first: mmdet_deform._C needs libtorch loaded)
 
 FORMATS = ('onnx', 'pt2')
-PRECISIONS = ('fp32', 'bf16')
+PRECISIONS = ('fp32', 'bf16', 'int8')
+PRECISION_FORMATS = {'bf16': 'pt2', 'int8': 'onnx'}
 MSDA_FORMS = ('grid_sample', 'deform_conv')
 
 
@@ -50,7 +57,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         '--precision',
         choices=PRECISIONS,
         default='fp32',
-        help='bf16: backbone, neck, encoder and decoder under bf16 autocast (--format pt2 only)',
+        help='bf16: backbone, neck, encoder and decoder under bf16 autocast (--format pt2 '
+        'only); int8: the ONNX file quantized for ONNX Runtime (--format onnx only)',
+    )
+    parser.add_argument(
+        '--calib-images',
+        nargs='+',
+        metavar='PATH',
+        help="--precision int8: image files or folders to calibrate on (default: the config's "
+        'training images)',
+    )
+    parser.add_argument(
+        '--calib-num',
+        type=int,
+        default=32,
+        help='--precision int8: how many calibration images (default: %(default)s)',
     )
     parser.add_argument(
         '--msda-form',
@@ -90,8 +111,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error(
             f'--msda-form deform_conv needs --opset 19 or later (DeformConv), got {args.opset}'
         )
-    if args.precision != 'fp32' and args.fmt != 'pt2':
-        parser.error(f'--precision {args.precision} is for --format pt2 only (ONNX is float32)')
+    if args.precision != 'fp32' and args.fmt != PRECISION_FORMATS[args.precision]:
+        parser.error(
+            f'--precision {args.precision} is for --format {PRECISION_FORMATS[args.precision]} '
+            f'only, got --format {args.fmt}'
+        )
+    if args.precision != 'int8' and args.calib_images:
+        parser.error('--calib-images is for --precision int8 only')
+    if args.calib_num < 1:
+        parser.error(f'--calib-num must be >= 1, got {args.calib_num}')
+    for path in args.calib_images or ():
+        if not osp.exists(path):
+            parser.error(f'calibration image not found: {path!r}')
     if args.shape is not None and min(args.shape) < 1:
         parser.error(f'--shape must be two positive sizes, got {args.shape}')
     if not 0 <= args.score_thr <= 1:
@@ -124,6 +155,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
             overwrite=args.overwrite,
             precision=args.precision,
             msda_form=args.msda_form,
+            calibration_images=args.calib_images,
+            calibration_num=args.calib_num,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f'export.py: error: {e}', file=sys.stderr)

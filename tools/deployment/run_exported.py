@@ -6,7 +6,8 @@ without mmdet, mmcv or mmengine.
 
 ``MODEL`` is a ``.onnx`` file (run by ONNX Runtime, or by OpenVINO with
 ``--runtime openvino``, in float32, unless it was exported with ``--msda-form
-deform_conv``; with numpy and OpenCV only: torch is not imported) or a
+deform_conv`` or ``--precision int8``; with numpy and OpenCV only: torch is
+not imported) or a
 ``.pt2`` AOTInductor package (run by torch, with the compiled
 ``mmdet_deform._C`` op library loaded directly, not through the
 ``mmdet_deform`` package). ``MODEL.json``, written by the export, says how to
@@ -315,6 +316,11 @@ def load_model(
     if meta['format'] == 'onnx':
         if runtime == 'onnxruntime':
             return OnnxModel(path, threads)
+        if meta.get('precision') == 'int8':
+            raise InputError(
+                f'{path!r} was exported with --precision int8, quantized for ONNX Runtime: run '
+                'it with --runtime onnxruntime, or give OpenVINO the float32 export'
+            )
         if meta.get('msda_form', 'grid_sample') != 'grid_sample':
             raise InputError(
                 f'{path!r} was exported with --msda-form {meta["msda_form"]} (DeformConv), '
