@@ -7,6 +7,7 @@ both tools with exit code 2 and a message naming the file."""
 import json
 import os
 import os.path as osp
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 from mmengine.config import Config
 
 from ..conftest import REPO_ROOT
-from .conftest import CONFIG, load_tool, run_tool, tool_env
+from .conftest import CONFIG, load_tool, run_tool, smoke_options, tool_env
 
 pytestmark = pytest.mark.slow
 
@@ -292,6 +293,79 @@ def test_runner_refuses_int8_files_in_openvino(onnx_int8_model, images, tmp_path
     assert proc.returncode == 2
     assert f"'{onnx_int8_model}' was exported with --precision int8" in proc.stderr
     assert not out_dir.exists()
+
+
+EVALUATE = 'tools/deployment/evaluate_exported.py'
+
+
+def mean_ap(text: str) -> float:
+    return float(re.search(r'coco/bbox_mAP: (-?[\d.]+)', text).group(1))
+
+
+def test_evaluate_exported_gives_the_checkpoints_validation_map(
+    dist_run, onnx_deform_conv_model, onnx_int8_model
+):
+    """The float32 file scores the mAP the training run's validation gave
+    its checkpoint (same 8 images, same metric); the int8 file about it."""
+    expected = mean_ap(dist_run.log)
+    found = {}
+    for name, model in (('fp32', onnx_deform_conv_model), ('int8', onnx_int8_model)):
+        proc = run_tool(
+            [EVALUATE, model, CONFIG, '--cfg-options', *smoke_options(dist_run.data_root)]
+        )
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        assert f'{model} (onnx, {name}, onnxruntime) on the test set' in proc.stdout
+        found[name] = mean_ap(proc.stdout)
+    print(f'validation mAP {expected}, exported files {found}')
+    assert found['fp32'] == expected
+    assert abs(found['int8'] - expected) <= 0.01
+
+
+def test_evaluate_exported_scores_the_ground_truth_as_perfect(tmp_path):
+    """A stand-in model that returns every image's ground truth (in the
+    resized image's pixels, as an exported graph does) scores mAP 1; shifted
+    by 20% of the image, 0."""
+    from mmengine.registry import init_default_scope
+
+    from mmdet_deform.apis.export import read_test_resize
+    from mmdet_deform.registry import DATASETS
+
+    tool = load_tool(EVALUATE)
+    cfg = Config.fromfile(CONFIG)
+    cfg.merge_from_dict(
+        {
+            'test_dataloader.dataset.data_root': str(tmp_path),
+            'test_dataloader.dataset.generate.num_images': 3,
+        }
+    )
+    meta = dict(resize=read_test_resize(cfg))
+    init_default_scope(cfg.default_scope)
+    infos = [DATASETS.build(cfg.test_dataloader.dataset).get_data_info(i) for i in range(3)]
+
+    class GroundTruth:
+        def __init__(self, shift: float) -> None:
+            self.calls, self.shift = 0, shift
+
+        def __call__(self, image):
+            info = infos[self.calls]
+            self.calls += 1
+            scale = image.shape[1] / info['width'], image.shape[0] / info['height']
+            boxes = np.array([obj['bbox'] for obj in info['instances']], np.float32)
+            boxes = boxes * np.array(scale * 2, np.float32) + self.shift * image.shape[1]
+            labels = np.array([obj['bbox_label'] for obj in info['instances']], np.int64)
+            return boxes, np.linspace(0.9, 0.5, len(boxes), dtype=np.float32), labels
+
+    assert tool.evaluate(GroundTruth(0.0), meta, cfg)['coco/bbox_mAP'] == 1.0
+    assert tool.evaluate(GroundTruth(0.2), meta, cfg)['coco/bbox_mAP'] == 0.0
+
+
+def test_evaluate_exported_names_bad_input(onnx_model, tmp_path):
+    orphan = str(tmp_path / 'orphan.onnx')
+    shutil.copy(onnx_model, orphan)  # no JSON beside it
+    proc = run_tool([EVALUATE, orphan, CONFIG])
+    assert proc.returncode == 2 and f"'{orphan}.json' not found" in proc.stderr
+    proc = run_tool([EVALUATE, onnx_model, str(tmp_path / 'none.py')])
+    assert proc.returncode == 2 and 'config not found' in proc.stderr
 
 
 # ---------------------------------------------------------------- bad input
