@@ -142,16 +142,24 @@ def test_bf16_autocast_runs_the_detector_in_bf16_and_returns_float32(checkpoints
     assert not torch.is_autocast_enabled('cpu')
 
 
-def test_bf16_is_refused_where_it_does_not_apply(checkpoints, tmp_path):
+def test_precisions_are_refused_where_they_do_not_apply(checkpoints, tmp_path):
     model, cfg, _ = load_detector(config_path('plain'), checkpoints['plain'])
     with pytest.raises(ValueError, match='autocast_dtype must be None or torch.bfloat16'):
         ExportableDetector(model, **read_preprocessing(cfg), autocast_dtype=torch.float16)
     out = str(tmp_path / 'm.onnx')
     with pytest.raises(ValueError, match=r"precision='bf16' is for fmt='pt2' only"):
         export_detector(config_path('plain'), checkpoints['plain'], 'onnx', out, precision='bf16')
-    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16'\)"):
+    pt2 = str(tmp_path / 'm.pt2')
+    with pytest.raises(ValueError, match=r"precision='int8' is for fmt='onnx' only"):
+        export_detector(config_path('plain'), checkpoints['plain'], 'pt2', pt2, precision='int8')
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16', 'int8'\)"):
         export_detector(config_path('plain'), checkpoints['plain'], 'pt2', out, precision='fp16')
-    assert not osp.exists(out)
+    with pytest.raises(ValueError, match='calibration_num must be >= 1, got 0'):
+        export_detector(
+            config_path('plain'), checkpoints['plain'], 'onnx', out, precision='int8',
+            calibration_num=0,
+        )  # fmt: skip
+    assert not osp.exists(out) and not osp.exists(pt2)
 
 
 # ---------------------------------------------------------------- configs
