@@ -284,17 +284,6 @@ def test_int8_file_is_close_to_image_demo(
         assert len(diffs) >= 0.9 * top
 
 
-def test_runner_refuses_int8_files_in_openvino(onnx_int8_model, images, tmp_path):
-    out_dir = tmp_path / 'out'
-    good = osp.join(images, 'demo.jpg')
-    proc = run_tool(
-        [RUNNER, onnx_int8_model, good, '--out-dir', str(out_dir), '--runtime', 'openvino']
-    )
-    assert proc.returncode == 2
-    assert f"'{onnx_int8_model}' was exported with --precision int8" in proc.stderr
-    assert not out_dir.exists()
-
-
 EVALUATE = 'tools/deployment/evaluate_exported.py'
 
 
@@ -417,17 +406,20 @@ def test_runner_runs_onnx_only_in_openvino(pt2_model, images, tmp_path):
     assert not out_dir.exists()
 
 
-def test_runner_refuses_deform_conv_files_in_openvino(onnx_deform_conv_model, images, tmp_path):
+@pytest.mark.parametrize(
+    'model_name, reason',
+    [
+        ('onnx_deform_conv_model', '--msda-form deform_conv (DeformConv), which OpenVINO does not'),
+        ('onnx_int8_model', '--precision int8, quantized for ONNX Runtime'),
+    ],
+)
+def test_runner_refuses_files_openvino_does_not_run(request, model_name, reason, images, tmp_path):
+    model = request.getfixturevalue(model_name)
     out_dir = tmp_path / 'out'
     good = osp.join(images, 'demo.jpg')
-    proc = run_tool(
-        [RUNNER, onnx_deform_conv_model, good, '--out-dir', str(out_dir), '--runtime', 'openvino']
-    )
+    proc = run_tool([RUNNER, model, good, '--out-dir', str(out_dir), '--runtime', 'openvino'])
     assert proc.returncode == 2
-    assert (
-        f"'{onnx_deform_conv_model}' was exported with --msda-form deform_conv (DeformConv), "
-        'which OpenVINO does not read' in proc.stderr
-    )
+    assert f"'{model}' was exported with {reason}" in proc.stderr
     assert not out_dir.exists()
 
 
