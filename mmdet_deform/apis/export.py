@@ -636,24 +636,22 @@ def export_detector(
     out_dir = osp.dirname(osp.abspath(out))
     os.makedirs(out_dir, exist_ok=True)
     quantization = None
-    if fmt == 'onnx' and precision == 'int8':
-        from mmdet_deform.apis.quantize import calibration_images as read_calibration
-        from mmdet_deform.apis.quantize import quantize_onnx
+    if fmt == 'onnx':
+        from mmdet_deform.apis import quantize
 
-        images = read_calibration(cfg, calibration_num, calibration_images)
-        float_file = out + '.fp32.tmp'
+        images = None
+        if precision == 'int8':  # read first: a bad image stops before the export
+            images = quantize.calibration_images(cfg, calibration_num, calibration_images)
+        float_file = out if images is None else out + '.fp32.tmp'
         try:
             ranges = export_onnx(
                 module, example, float_file, opset_version, shape is None, msda_form
             )
-            quantization = quantize_onnx(float_file, out, images)
+            if images is not None:
+                quantization = quantize.quantize_onnx(float_file, out, images)
         finally:
-            if osp.exists(float_file):
+            if images is not None and osp.exists(float_file):
                 os.remove(float_file)
-    elif fmt == 'onnx':
-        ranges = export_onnx(
-            module, example, out, opset_version, dynamic=shape is None, msda_form=msda_form
-        )
     else:
         ranges = export_pt2(module, example, out, dynamic=shape is None)
     with torch.no_grad():  # strides of the levels: the runner counts encoder positions
