@@ -31,18 +31,19 @@ import numpy as np
 
 __all__ = ['calibration_images', 'quantize_onnx', 'quantized_operators']
 
-#: Image files taken as calibration images from a folder.
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
-
 
 def _image_files(paths: Sequence[str]) -> List[str]:
+    """The files of ``paths``, and the images of its folders (the suffixes
+    mmdet's ``DetInferencer`` takes from a folder)."""
+    from mmdet.apis.det_inferencer import IMG_EXTENSIONS
+
     files = []
     for path in paths:
         if osp.isdir(path):
             files += sorted(
                 osp.join(path, name)
                 for name in os.listdir(path)
-                if name.lower().endswith(IMAGE_SUFFIXES)
+                if name.lower().endswith(IMG_EXTENSIONS)
             )
         elif osp.isfile(path):
             files.append(path)
@@ -90,7 +91,7 @@ def calibration_images(
         raise ValueError(f'num must be >= 1, got {num}')
     files = _image_files(paths) if paths else _dataset_image_files(cfg, num)
     if not files:
-        raise ValueError(f'no calibration image (files ending in {IMAGE_SUFFIXES}) in {paths}')
+        raise ValueError(f'no calibration image (a file, or images in a folder) in {paths}')
     kinds = ('LoadImageFromFile', 'Resize')
     pipeline = Compose(
         [t for t in _test_pipeline(cfg) if str(t.get('type', '')).split('.')[-1] in kinds]
